@@ -1,0 +1,177 @@
+"""The guard: the only place an allocation becomes actions (DESIGN section 8).
+
+Policies propose; the guard enforces what must never happen: balloon targets
+below a guest's used memory plus a reserve, below its configured minimum or
+an absolute floor, above its maximum; the sum of targets above host memory;
+memory moving faster than a step limit (except growth for a starving guest);
+changes smaller than a dead-band; reclaiming from a VM that just appeared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arrays import fillnan
+
+from .model import Allocation, Controls, Observation, Plan
+from .resources import CPU, DISK, MEMORY, NET
+
+SHARES_MIN, SHARES_MAX = 2.0, 262144.0
+BLKIO_MIN, BLKIO_MAX = 10.0, 1000.0
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    mem_floor_mib: float = 256.0  # absolute floor of any balloon target
+    mem_reserve_mib: float = 128.0  # headroom above used memory, at least ...
+    mem_reserve_frac: float = 0.10  # ... or this share of used memory
+    mem_step_frac: float = 0.10  # largest change per period, share of max memory (starving growth exempt)
+    mem_deadband_frac: float = 0.05  # skip changes smaller than this share of max memory ...
+    mem_deadband_mib: float = 64.0  # ... or this many MiB
+    starving_signal: float = 0.01  # memory pressure above this means starving
+    starving_used: float = 0.95  # or used memory at this share of the target
+    weight_deadband: float = 0.10  # relative change below which shares / blkio weight / caps stay
+    net_min_kibs: float = 64.0  # a net cap never goes below this
+
+    def check(self) -> None:
+        for name, value in self.__dict__.items():
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"guard.{name} = {value!r}: must be a finite number >= 0")
+        for name in ("mem_step_frac", "mem_deadband_frac", "mem_reserve_frac", "starving_used"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"guard.{name} = {getattr(self, name)}: must be a fraction in [0, 1]")
+
+
+def blkio_weights(disk: np.ndarray) -> np.ndarray:
+    """blkio weights proportional to the disk allocation, within the kernel's 10..1000.
+
+    The scale is the largest allocation rounded up to a power of two, so it
+    moves (and rewrites every weight) only when the largest VM doubles or halves.
+    """
+    top = np.nanmax(disk) if np.isfinite(disk).any() else np.nan
+    if not top > 0:
+        return np.full_like(disk, np.nan)
+    scale = 2.0 ** np.ceil(np.log2(top))
+    return np.clip(np.round(BLKIO_MAX * disk / scale), BLKIO_MIN, BLKIO_MAX)
+
+
+def _relative_change(new: np.ndarray, cur: np.ndarray, band: float) -> np.ndarray:
+    """Where a weight or cap should be rewritten: NaN-ness changed, or moved beyond the band."""
+    both = ~np.isnan(new) & ~np.isnan(cur)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = np.abs(new - cur) > band * np.maximum(np.abs(cur), 1e-9)
+    return np.where(both, moved, np.isnan(new) != np.isnan(cur))
+
+
+class Guard:
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        self.config = config or GuardConfig()
+        self.config.check()
+        self.warnings: list[str] = []
+
+    def memory_floor(self, obs: Observation) -> np.ndarray:
+        c = self.config
+        used = obs.usage[:, MEMORY]
+        cur = obs.controls.balloon
+        # unknown usage: do not reclaim below what the guest has now
+        used = np.where(np.isnan(used), fillnan(cur, 0.0), used)
+        reserve = np.maximum(c.mem_reserve_mib, c.mem_reserve_frac * used)
+        floor = np.maximum.reduce([np.full_like(used, c.mem_floor_mib), obs.vms.min_memory, used + reserve])
+        return np.minimum(floor, fillnan(obs.vms.sizes[:, MEMORY], np.inf))
+
+    def _balloon(self, want: np.ndarray, obs: Observation, capacity: float) -> np.ndarray:
+        c = self.config
+        size = fillnan(obs.vms.sizes[:, MEMORY], np.inf)
+        cur = np.where(np.isnan(obs.controls.balloon), size, obs.controls.balloon)
+        want = np.where(np.isnan(want), cur, want)
+        floor = self.memory_floor(obs)
+        used = fillnan(obs.usage[:, MEMORY], 0.0)
+        sig = fillnan(obs.signal[:, MEMORY], 0.0)
+        starving = (sig > c.starving_signal) | (used >= c.starving_used * cur)
+
+        target = np.clip(want, floor, size)
+        target = np.where(obs.age == 0, np.maximum(target, np.minimum(cur, size)), target)
+        step = c.mem_step_frac * np.where(np.isfinite(size), size, cur)
+        target = np.maximum(target, np.minimum(cur - step, size))  # shrink at most one step
+        target = np.where(starving, target, np.minimum(target, np.maximum(cur + step, floor)))
+        band = np.maximum(c.mem_deadband_mib, c.mem_deadband_frac * np.where(np.isfinite(size), size, cur))
+        keep = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= size)
+        target = np.where(keep, cur, target)
+
+        total = target.sum()
+        if np.isfinite(capacity) and total > capacity:
+            target = self._fit_memory(target, cur, floor, capacity)
+        return target
+
+    def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray, capacity: float) -> np.ndarray:
+        """Bring the sum of targets down to host memory: cut growth first, then above-floor memory."""
+        over = target.sum() - capacity
+        growth = np.maximum(target - cur, 0.0)
+        if growth.sum() > 0:
+            target = target - growth * min(1.0, over / growth.sum())
+            over = target.sum() - capacity
+        if over > 0:
+            spare = np.maximum(target - floor, 0.0)
+            if spare.sum() > 0:
+                target = target - spare * min(1.0, over / spare.sum())
+                over = target.sum() - capacity
+        if over > 1e-6:
+            self.warnings.append(
+                f"memory floors need {target.sum():.0f} MiB but the host has {capacity:.0f} MiB "
+                "after its reserve: lower per-VM minimums or run fewer VMs"
+            )
+        return target
+
+    def plan(self, alloc: Allocation, obs: Observation, capacity: np.ndarray) -> Plan:
+        """Turn an allocation into safe control values and the set that changed."""
+        c = self.config
+        cur = obs.controls
+        amount = alloc.amount
+        caps = alloc.caps if alloc.caps.size else np.zeros(amount.shape[1], dtype=bool)
+        n = obs.n
+        new = cur.copy()
+        changed: dict[str, np.ndarray] = {}
+
+        cpu = amount[:, CPU]
+        shares = np.clip(np.round(cpu * 1024.0), SHARES_MIN, SHARES_MAX)
+        new.shares = np.where(np.isnan(cpu), cur.shares, shares)
+        changed["shares"] = ~np.isnan(cpu) & _relative_change(new.shares, cur.shares, c.weight_deadband)
+        new.shares = np.where(changed["shares"], new.shares, cur.shares)
+
+        quota = np.where(caps[CPU], np.maximum(cpu, 0.01), np.nan)
+        quota = np.minimum(quota, obs.vms.vcpus)
+        new.quota = np.where(np.isnan(cpu), cur.quota, quota)
+        changed["quota"] = _relative_change(new.quota, cur.quota, c.weight_deadband)
+        new.quota = np.where(changed["quota"], new.quota, cur.quota)
+
+        mem = amount[:, MEMORY]
+        if np.isnan(mem).all():
+            changed["balloon"] = np.zeros(n, dtype=bool)
+        else:
+            new.balloon = self._balloon(mem, obs, float(capacity[MEMORY]))
+            cur_b = np.where(np.isnan(cur.balloon), np.inf, cur.balloon)
+            changed["balloon"] = np.abs(new.balloon - cur_b) > 0.5
+            new.balloon = np.where(changed["balloon"], new.balloon, cur.balloon)
+
+        blkio = blkio_weights(amount[:, DISK])
+        new.blkio = np.where(np.isnan(blkio), cur.blkio, blkio)
+        changed["blkio"] = ~np.isnan(blkio) & _relative_change(new.blkio, cur.blkio, c.weight_deadband)
+        new.blkio = np.where(changed["blkio"], new.blkio, cur.blkio)
+
+        net = amount[:, NET]
+        netcap = np.where(caps[NET], np.maximum(net, c.net_min_kibs), np.nan)
+        new.netcap = np.where(np.isnan(net), cur.netcap, netcap)
+        changed["netcap"] = _relative_change(new.netcap, cur.netcap, c.weight_deadband)
+        new.netcap = np.where(changed["netcap"], new.netcap, cur.netcap)
+
+        if alloc.pins is not None and alloc.pins.shape == cur.pins.shape:
+            new.pins = alloc.pins.astype(np.intp)
+            new.pin_width = alloc.pin_width
+            changed["pin"] = (new.pins != cur.pins) | (new.pin_width != cur.pin_width)
+        else:
+            changed["pin"] = np.zeros(cur.pins.shape, dtype=bool)
+        return Plan(controls=new, changed=changed, vms=obs.vms)
+
+
+__all__ = ["Guard", "GuardConfig", "Controls"]

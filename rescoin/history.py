@@ -1,0 +1,164 @@
+"""Per-VM history in numpy ring buffers, keyed by UUID.
+
+Rows follow the VM order of the latest observation. When VMs come or go,
+every ring and every piece of per-VM state is realigned at once, so
+predictors and policies always index the current rows and never see a
+departed VM's data under a new VM's row.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from .model import Observation, VMSet
+from .resources import N_RES
+
+#: ring-buffered series, each (window, n_vms, N_RES)
+SERIES = ("usage", "signal", "forecast", "allocation", "entitlement")
+
+
+def realign_rows(old: VMSet | None, new: VMSet) -> np.ndarray | None:
+    """Map each new row to its old row (or -1); None if the rows did not change."""
+    if old is not None and (old is new or np.array_equal(old.uuids, new.uuids)):
+        return None
+    if old is None or old.n == 0:
+        return np.full(new.n, -1, dtype=np.intp)
+    index = {u: i for i, u in enumerate(old.uuids.tolist())}
+    return np.fromiter((index.get(u, -1) for u in new.uuids.tolist()), dtype=np.intp, count=new.n)
+
+
+class History:
+    """The last ``window`` periods of every VM, plus named per-VM state."""
+
+    def __init__(self, window: int = 60) -> None:
+        if window < 2:
+            raise ValueError("history window must be at least 2 periods")
+        self.window = window
+        self.vms: VMSet | None = None
+        self.t = 0  # periods pushed so far
+        self.ts = np.full(window, np.nan)
+        self._ring = {name: np.full((window, 0, N_RES), np.nan) for name in SERIES}
+        self._state: dict[str, np.ndarray] = {}
+        self._fill: dict[str, float] = {}
+        self.age = np.zeros(0, dtype=np.intp)
+        self.pending: dict[str, np.ndarray] = {}  # decided this period, in force next period
+
+    # -- rows ---------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return 0 if self.vms is None else self.vms.n
+
+    def align(self, vms: VMSet) -> np.ndarray | None:
+        """Make the rows follow ``vms``; returns the old-row map if anything moved."""
+        rows = realign_rows(self.vms, vms)
+        if rows is None:
+            self.vms = vms
+            return None
+        known = rows >= 0
+        src = np.maximum(rows, 0)
+        for name, ring in self._ring.items():
+            new = np.full((self.window, vms.n, N_RES), np.nan)
+            new[:, known] = ring[:, src[known]]
+            self._ring[name] = new
+        for name, arr in self._state.items():
+            new = np.full((vms.n,) + arr.shape[1:], self._fill[name], dtype=arr.dtype)
+            new[known] = arr[src[known]]
+            self._state[name] = new
+        for name, arr in self.pending.items():
+            new = np.full((vms.n,) + arr.shape[1:], np.nan)
+            new[known] = arr[src[known]]
+            self.pending[name] = new
+        age = np.zeros(vms.n, dtype=np.intp)
+        age[known] = self.age[src[known]]
+        self.age = age
+        self.vms = vms
+        return rows
+
+    # -- writing ------------------------------------------------------------
+    @property
+    def slot(self) -> int:
+        """Ring index of the latest period."""
+        return (self.t - 1) % self.window
+
+    def push(self, obs: Observation) -> None:
+        """Start a new period: store what was observed and what was in force."""
+        self.align(obs.vms)
+        if self.t > 0:
+            self.age += 1
+        self.t += 1
+        s = self.slot
+        self.ts[s] = obs.ts
+        self._ring["usage"][s] = obs.usage
+        self._ring["signal"][s] = obs.signal
+        for name in ("forecast", "allocation", "entitlement"):
+            value = self.pending.get(name)
+            self._ring[name][s] = np.nan if value is None else value
+
+    def decide(self, **series: np.ndarray) -> None:
+        """Record what this period decided (forecast, allocation, entitlement) for the next one."""
+        for name, value in series.items():
+            if name not in SERIES:
+                raise KeyError(name)
+            self.pending[name] = np.asarray(value, dtype=float)
+
+    # -- reading ------------------------------------------------------------
+    def latest(self, name: str) -> np.ndarray:
+        """The newest period of a series, ``(n, N_RES)``."""
+        return self._ring[name][self.slot]
+
+    def last(self, name: str, k: int) -> np.ndarray:
+        """The newest ``k`` periods of a series, oldest first, ``(k', n, N_RES)``."""
+        k = max(0, min(k, self.t, self.window))
+        idx = (self.t - k + np.arange(k)) % self.window
+        return self._ring[name][idx]
+
+    def state(self, name: str, shape: tuple[int, ...] = (N_RES,), fill: float = np.nan) -> np.ndarray:
+        """Per-VM state that survives between periods and follows VM rows."""
+        arr = self._state.get(name)
+        if arr is None or arr.shape[0] != self.n:
+            arr = np.full((self.n,) + shape, fill)
+            self._state[name] = arr
+            self._fill[name] = fill
+        return arr
+
+    def set_state(self, name: str, value: np.ndarray, fill: float = np.nan) -> None:
+        self._state[name] = value
+        self._fill.setdefault(name, fill)
+
+    # -- persistence --------------------------------------------------------
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Everything needed to resume after a restart, as plain arrays."""
+        out: dict[str, np.ndarray] = {
+            "meta": np.array([self.window, self.t]),
+            "ts": self.ts,
+            "age": self.age,
+            "uuids": np.array([] if self.vms is None else self.vms.uuids, dtype=str),
+        }
+        out.update({f"ring.{k}": v for k, v in self._ring.items()})
+        out.update({f"state.{k}": v for k, v in self._state.items()})
+        out.update({f"fill.{k}": np.array(v) for k, v in self._fill.items()})
+        out.update({f"pending.{k}": v for k, v in self.pending.items()})
+        return out
+
+    @classmethod
+    def restore(cls, data: dict[str, np.ndarray], vms_from: "Iterable[str] | None" = None) -> "History":
+        window, t = (int(x) for x in data["meta"])
+        h = cls(window)
+        h.t = t
+        h.ts = np.asarray(data["ts"], dtype=float)
+        h.age = np.asarray(data["age"], dtype=np.intp)
+        uuids = np.asarray(data["uuids"], dtype=str)
+        n = uuids.shape[0]
+        h.vms = VMSet.build(uuids, uuids, np.full((n, N_RES), np.nan))
+        for key, value in data.items():
+            kind, _, name = key.partition(".")
+            if kind == "ring":
+                h._ring[name] = np.asarray(value, dtype=float)
+            elif kind == "state":
+                h._state[name] = np.asarray(value)
+            elif kind == "fill":
+                h._fill[name] = float(value)
+            elif kind == "pending":
+                h.pending[name] = np.asarray(value, dtype=float)
+        return h

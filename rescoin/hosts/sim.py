@@ -1,0 +1,208 @@
+"""SimHost: a host that replays per-VM demand from a trace (DESIGN section 9).
+
+It grants resources the way the real mechanisms would, and the same rules
+apply to every policy:
+
+- CPU: weighted max-min sharing of the host's cores by cpu shares, capped by
+  quotas and by each VM's vCPU count; with pinning, per pCPU group, each vCPU
+  using at most one core.
+- Memory: a VM gets ``min(demand, balloon target)``; the host cannot hand out
+  more than it has.
+- Disk: weighted max-min by blkio weight. Net: max-min under each VM's cap.
+
+The scheduler sees only granted usage and unmet-demand pressure (the share
+of demand not granted, like PSI or steal): never the demand itself. Only
+``truth`` / ``truth_next`` carry it, for metrics and the oracle.
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from ..arrays import fillnan
+
+from ..model import Controls, Observation, Plan, VMSet
+from ..resources import CPU, MEMORY, N_RES, HostCapacity
+from ..sharing import water_fill, water_fill_columns
+from .base import ApplyResult
+
+NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
+
+
+class SimHost:
+    def __init__(
+        self,
+        trace,
+        overcommit: float = 1.5,
+        presence: np.ndarray | None = None,
+        name: str = "sim",
+    ) -> None:
+        if not overcommit > 0:
+            raise ValueError(f"overcommit must be > 0, got {overcommit}")
+        demand = np.asarray(trace.demand, dtype=float)
+        if demand.ndim != 3 or demand.shape[2] != N_RES:
+            raise ValueError(f"trace demand must be (periods, vms, {N_RES}), got {demand.shape}")
+        self.periods, n, _ = demand.shape
+        sizes = np.array(trace.sizes, dtype=float)
+        sizes[:, CPU] = fillnan(sizes[:, CPU], 1.0).clip(min=1).round()
+        with np.errstate(all="ignore"):
+            peak = np.nanmax(np.where(np.isnan(demand), -np.inf, demand), axis=0)
+        peak[~np.isfinite(peak)] = np.nan
+        for r in range(2, N_RES):  # no trace provisions disk or net: use each VM's peak
+            col = sizes[:, r]
+            sizes[:, r] = np.where(np.isnan(col), np.maximum(peak[:, r], 1.0), col)
+            sizes[np.isnan(peak[:, r]) & np.isnan(trace.sizes[:, r]), r] = np.nan
+        demand = demand.copy()
+        demand[:, :, CPU] = np.minimum(demand[:, :, CPU], sizes[None, :, CPU])
+        self.demand = np.maximum(demand, 0.0, where=~np.isnan(demand), out=demand)
+        self.sizes = sizes
+
+        cap = np.full(N_RES, np.nan)
+        for r in range(N_RES):
+            if not np.isnan(sizes[:, r]).all():
+                cap[r] = np.nansum(sizes[:, r]) / overcommit
+        pcpus = max(1, int(round(cap[CPU])))
+        cap[CPU] = float(pcpus)  # a host has whole cores
+        self._capacity = HostCapacity(name=name, capacity=cap, pcpus=pcpus)
+        self.overcommit = overcommit
+
+        ids = [str(v) for v in trace.vm_ids]
+        self.all_vms = VMSet.build(
+            uuids=[str(uuid.uuid5(NAMESPACE, f"{getattr(trace, 'name', '')}/{v}")) for v in ids],
+            names=[f"vm-{v}" for v in ids],
+            sizes=sizes,
+            min_memory=np.zeros(n),
+        )
+        self.presence = np.ones((self.periods, n), dtype=bool) if presence is None else np.asarray(presence, bool)
+        if self.presence.shape != (self.periods, n):
+            raise ValueError(f"presence must be {(self.periods, n)}, got {self.presence.shape}")
+        self.start = float(getattr(trace, "start", 0.0))
+        self.period = float(getattr(trace, "period", 300.0))
+        self.controls = Controls.defaults(self.all_vms)
+        self._vstart = np.r_[0, np.cumsum(self.all_vms.vcpus)[:-1]]
+        self.first_seen = np.full(n, -1, dtype=np.intp)
+        self.t = 0
+        self._rows: np.ndarray | None = None
+        self._view: tuple[VMSet, np.ndarray] | None = None
+        self.actions = {k: 0 for k in ("shares", "quota", "balloon", "blkio", "netcap", "pin")}
+
+    @property
+    def capacity(self) -> HostCapacity:
+        return self._capacity
+
+    # -- the present VMs ----------------------------------------------------------
+    def _present(self, t: int) -> tuple[np.ndarray, VMSet, np.ndarray]:
+        mask = self.presence[t]
+        rows = np.flatnonzero(mask)
+        if self._rows is not None and np.array_equal(rows, self._rows):
+            vms, vidx = self._view
+            return rows, vms, vidx
+        gone = np.setdiff1d(self._rows if self._rows is not None else rows, rows)
+        self._reset(gone)  # a VM that left comes back as a new VM
+        if rows.size == self.all_vms.n:
+            vms = self.all_vms
+        else:
+            a = self.all_vms
+            vms = VMSet(a.uuids[rows], a.names[rows], a.sizes[rows], a.min_memory[rows], a.weight[rows])
+        counts = self.all_vms.vcpus[rows]
+        vidx = np.repeat(self._vstart[rows], counts) + (
+            np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        )
+        self._rows, self._view = rows, (vms, vidx)
+        return rows, vms, vidx
+
+    def _reset(self, rows: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        fresh = Controls.defaults(self.all_vms)
+        for name in ("shares", "quota", "balloon", "blkio", "netcap"):
+            getattr(self.controls, name)[rows] = getattr(fresh, name)[rows]
+        counts = self.all_vms.vcpus[rows]
+        for r, c in zip(self._vstart[rows], counts):
+            self.controls.pins[r : r + c] = -1
+        self.first_seen[rows] = -1
+
+    def _controls_for(self, rows: np.ndarray, vidx: np.ndarray) -> Controls:
+        c = self.controls
+        if rows.size == self.all_vms.n:
+            return c  # the guard copies before it changes anything
+        return Controls(c.shares[rows], c.quota[rows], c.balloon[rows], c.blkio[rows], c.netcap[rows],
+                        c.pins[vidx], c.pin_width)
+
+    # -- granting -----------------------------------------------------------------
+    def grant(self, demand: np.ndarray, vms: VMSet, ctl: Controls) -> np.ndarray:
+        """What each VM actually gets this period under the applied controls."""
+        cap = self._capacity.capacity
+        d = fillnan(demand, 0.0)
+        out = np.zeros_like(d)
+        v = vms.vcpus
+        limit = np.minimum(v, fillnan(ctl.quota, np.inf))
+        want = np.minimum(d[:, CPU], limit)
+        if (ctl.pins < 0).all():
+            out[:, CPU] = water_fill(want, ctl.shares, cap[CPU])
+        else:
+            width = max(1, int(ctl.pin_width))
+            groups = max(1, self._capacity.pcpus // width)
+            owner = vms.vcpu_owner()
+            pins = np.where(ctl.pins >= 0, ctl.pins, np.arange(ctl.pins.size)) % groups
+            per = np.repeat(want / v, v)
+            w = np.repeat(ctl.shares / v, v)
+            got = water_fill(per, w, np.full(groups, float(width)), pins)
+            out[:, CPU] = np.bincount(owner, weights=got, minlength=vms.n)
+        size_mem = fillnan(vms.sizes[:, MEMORY], 0.0)
+        target = np.where(np.isnan(ctl.balloon), size_mem, ctl.balloon)
+        rest_d = np.column_stack([
+            np.minimum(d[:, MEMORY], target),
+            d[:, 2],
+            np.minimum(d[:, 3], fillnan(ctl.netcap, np.inf)),
+        ])
+        rest_w = np.column_stack([np.maximum(target, 1.0), ctl.blkio, np.ones(vms.n)])
+        out[:, 1:] = water_fill_columns(rest_d, rest_w, fillnan(cap[1:], 0.0))
+        return out
+
+    # -- the Host protocol --------------------------------------------------------------
+    def observe(self) -> Observation | None:
+        if self.t >= self.periods:
+            return None
+        t = self.t
+        rows, vms, vidx = self._present(t)
+        ctl = self._controls_for(rows, vidx)
+        demand = self.demand[t, rows]
+        got = self.grant(demand, vms, ctl)
+        missing = np.isnan(demand)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            signal = np.where(demand > 0, (demand - got) / demand, 0.0)
+        signal[missing] = np.nan
+        usage = np.where(missing, np.nan, got)
+        new = self.first_seen[rows] < 0
+        self.first_seen[rows[new]] = t
+        nxt = self.demand[t + 1, rows] if t + 1 < self.periods else demand
+        self.t += 1
+        return Observation(
+            ts=self.start + t * self.period,
+            interval=self.period,
+            host=self._capacity,
+            vms=vms,
+            usage=usage,
+            signal=signal,
+            controls=ctl,
+            age=t - self.first_seen[rows],
+            truth=demand,
+            truth_next=nxt,
+        )
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        rows, _, vidx = self._present(self.t - 1)
+        c, new = self.controls, plan.controls
+        if rows.size == self.all_vms.n:
+            self.controls = new
+        else:
+            for name in ("shares", "quota", "balloon", "blkio", "netcap"):
+                getattr(c, name)[rows] = getattr(new, name)
+            c.pins[vidx] = new.pins
+            c.pin_width = new.pin_width
+        counts = plan.counts()
+        for k, v in counts.items():
+            self.actions[k] = self.actions.get(k, 0) + v
+        return ApplyResult(applied=counts)

@@ -1,0 +1,183 @@
+"""Demand predictors, vectorised over VMs and resources.
+
+Observed usage is censored (a VM never uses more than it was given), so a
+predictor that follows usage alone shrinks allocations period after period.
+Every predictor here therefore also reads the unmet-demand signal and grows
+its estimate multiplicatively while that signal is on (DESIGN section 6).
+
+All predictors share one interface: ``predict(history) -> Forecast``. Their
+per-VM state lives in ``History`` so it follows VMs as they come and go.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .arrays import fillnan
+
+from .history import History
+from .model import Forecast
+from .resources import N_RES, RESOURCES, Resource
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class PredictorParams:
+    """Parameters of the padded FUSD-EWMA for one resource."""
+
+    alpha_up: float = 0.7  # smoothing when usage rises (fast up)
+    alpha_down: float = 0.7  # smoothing when usage falls (slow down)
+    pad_error: float = 0.0  # margin: this many times the smoothed recent under-prediction
+    pad_std: float = 0.0  # margin: this many standard deviations of short-term variability
+    pad_beta: float = 0.2  # smoothing of the error and variability trackers
+    growth: float = 1.0  # multiplicative growth per period while the unmet signal is on
+    threshold: float = 0.01  # unmet signal above this counts as "on"
+
+    def check(self, where: str) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise ValueError(f"{where}.{f.name} = {v!r}: must be a finite number")
+        for name in ("alpha_up", "alpha_down", "pad_beta"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{where}.{name} = {getattr(self, name)}: must be in (0, 1]")
+        if self.pad_error < 0 or self.pad_std < 0:
+            raise ValueError(f"{where}: padding factors must be >= 0")
+        if self.growth < 1.0:
+            raise ValueError(f"{where}.growth = {self.growth}: must be >= 1 (1 = no correction)")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"{where}.threshold = {self.threshold}: must be in [0, 1)")
+
+
+#: ResCoin's smoothing factors (cpu 0.7, memory 0.8, disk 0.8); net follows disk
+RESCOIN_ALPHA = {Resource.CPU: 0.7, Resource.MEMORY: 0.8, Resource.DISK: 0.8, Resource.NET: 0.8}
+
+
+class Predictor(Protocol):
+    name: str
+
+    def predict(self, history: History) -> Forecast: ...
+
+
+class LastValue:
+    """Tomorrow looks like today: what reactive controllers (MoM, the seeds) assume."""
+
+    name = "last"
+
+    def predict(self, history: History) -> Forecast:
+        x = history.latest("usage").copy()
+        return Forecast(point=x, value=x)
+
+
+class PaddedEWMA:
+    """EWMA / FUSD-EWMA with error and burst padding and under-estimation correction.
+
+    With ``alpha_up == alpha_down``, no padding and ``growth == 1`` this is the
+    plain EWMA of the ResCoin prototype.
+    """
+
+    def __init__(self, params: dict[Resource, PredictorParams], name: str = "fusd") -> None:
+        self.name = name
+        self.params = {r: params.get(r, PredictorParams()) for r in RESOURCES}
+        for r, p in self.params.items():
+            p.check(f"{name}.{r.label}")
+        col = lambda attr: np.array([getattr(self.params[r], attr) for r in RESOURCES], dtype=float)  # noqa: E731
+        self._up, self._down = col("alpha_up"), col("alpha_down")
+        self._pad_err, self._pad_std, self._beta = col("pad_error"), col("pad_std"), col("pad_beta")
+        self._growth, self._thr = col("growth"), col("threshold")
+        self._key = f"predict.{name}."
+
+    def predict(self, history: History) -> Forecast:
+        x = history.latest("usage")
+        sig = history.latest("signal")
+        level = history.state(self._key + "level")
+        err = history.state(self._key + "err", fill=0.0)
+        var = history.state(self._key + "var", fill=0.0)
+        corr = history.state(self._key + "corr", fill=1.0)
+        prev_value = history.state(self._key + "value")
+
+        seen = ~np.isnan(x)
+        fresh = seen & np.isnan(level)
+        level[fresh] = x[fresh]
+        dev = np.where(seen, x - level, 0.0)
+        alpha = np.where(dev > 0, self._up, self._down)
+        # trackers see the deviation before the level moves
+        under = np.where(seen & ~np.isnan(prev_value), np.maximum(x - prev_value, 0.0), 0.0)
+        err += self._beta * (under - err)
+        var += self._beta * (dev * dev - var)
+        level += alpha * dev
+
+        on = fillnan(sig, 0.0) > self._thr
+        grown = corr * self._growth
+        relaxed = np.maximum(1.0, np.sqrt(corr))
+        corr[...] = np.where(on, grown, relaxed)
+
+        pad = np.maximum(self._pad_err * err, self._pad_std * np.sqrt(var))
+        point = level.copy()
+        value = np.maximum(level, np.where(seen, x, level)) * corr + pad
+        prev_value[...] = value
+        return Forecast(point=point, value=value)
+
+
+def ewma(name: str = "ewma") -> PaddedEWMA:
+    """The ResCoin prototype's predictor: plain EWMA, no padding, no correction."""
+    return PaddedEWMA({r: PredictorParams(alpha_up=a, alpha_down=a) for r, a in RESCOIN_ALPHA.items()}, name)
+
+
+def load_model(path: str | Path) -> PaddedEWMA:
+    """Read predictor parameters from a TOML model file (``[cpu]``, ``[memory]``, ...)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: model file not found; see models/ for the shipped ones") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    known = {f.name for f in fields(PredictorParams)}
+    params: dict[Resource, PredictorParams] = {}
+    for key, table in data.items():
+        if key in ("name", "about", "source"):
+            continue
+        try:
+            r = Resource.parse(key)
+        except ValueError as e:
+            raise ValueError(f"{path}: [{key}]: {e}") from None
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: {key} must be a table of parameters")
+        bad = set(table) - known
+        if bad:
+            raise ValueError(f"{path}: [{key}] unknown parameter(s) {sorted(bad)}; allowed: {sorted(known)}")
+        params[r] = replace(PredictorParams(), **table)
+    name = str(data.get("name", path.stem))
+    try:
+        return PaddedEWMA(params, name)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def default_predictor() -> PaddedEWMA:
+    return load_model(MODELS_DIR / "default.toml")
+
+
+def make_predictor(name: str) -> Predictor | None:
+    """A predictor by name: "default", "ewma", "last", "none", or a model file path."""
+    if name == "default":
+        return default_predictor()
+    if name == "ewma":
+        return ewma()
+    if name == "last":
+        return LastValue()
+    if name == "none":
+        return None
+    return load_model(name)
+
+
+__all__ = [
+    "N_RES", "Predictor", "PredictorParams", "PaddedEWMA", "LastValue", "ewma",
+    "load_model", "default_predictor", "make_predictor",
+]
