@@ -27,7 +27,7 @@ def _load(path: str, vms: int | None, days: float | None, start_day: float, vm_o
     from .view import progress
 
     try:
-        with progress(console) as bar:
+        with progress(console, transient=True) as bar:
             task = bar.add_task("loading trace", total=None)
 
             def tick(done: int, total: int) -> None:
@@ -106,10 +106,16 @@ def _open_host(uri: str, args: argparse.Namespace, console: Console):
 
         trace = _load(uri[4:] or str(_sample()), args.vms, args.days, args.start_day, 0, console)
         return SimHost(trace, overcommit=args.overcommit), float(trace.period)
-    raise UserError(
-        f"cannot open {uri!r}: this build drives simulated hosts (sim:TRACE_DIR); "
-        "libvirt URIs such as qemu:///system need the libvirt host module (see README, 'Real hosts')"
-    )
+    from .agent import AgentClient
+    from .hosts.libvirt import HostUnavailable, LibvirtHost
+
+    host = LibvirtHost(uri, agents=AgentClient(timeout=args.agent_timeout))
+    try:
+        host.capacity  # connect now: a wrong URI is reported before the daemon starts
+    except HostUnavailable as e:
+        raise UserError(f"{e} (is libvirtd running? try scripts/setup-host)") from None
+    host.start_events()
+    return host, 300.0
 
 
 def _sample() -> Path:
@@ -135,8 +141,16 @@ class DryRunHost:
         from .hosts.base import ApplyResult
 
         counts = plan.counts()
-        if any(counts.values()):
-            self.console.print("dry-run, not applied: " + ", ".join(f"{k} x{v}" for k, v in counts.items() if v))
+        names = plan.vms.names
+        for kind, mask in plan.changed.items():
+            if kind == "pin" or not mask.any():
+                continue
+            values = getattr(plan.controls, {"shares": "shares", "quota": "quota", "balloon": "balloon",
+                                             "blkio": "blkio", "netcap": "netcap"}[kind])
+            for i in mask.nonzero()[0]:
+                self.console.print(f"dry-run (not applied): {names[i]} {kind} -> {values[i]:.6g}")
+        if counts.get("pin"):
+            self.console.print(f"dry-run (not applied): {counts['pin']} vCPU pin changes")
         return ApplyResult(applied={k: 0 for k in counts})
 
 
@@ -172,11 +186,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                  step.result.total, step.seconds * 1e3)
 
     log.info("rescoin %s: policy %s on %s, period %.0f s", __version__, policy.name, args.uri, period)
+    speed = args.speed if args.uri.startswith("sim:") else 1.0
     try:
-        run_daemon(loop, period, stop, on_step, speed=args.speed, max_steps=args.max_periods)
+        run_daemon(loop, period, stop, on_step, speed=speed, max_steps=args.max_periods)
     finally:
         if writer is not None:
             writer.close()
+        if args.restore_on_exit and hasattr(host, "restore"):
+            log.info("restored the original settings of %d VMs", host.restore())
     log.info("stopped after %d periods", steps)
     return 0
 
@@ -252,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--history", default=None, metavar="DIR", help="write history CSV files here")
     r.add_argument("--dry-run", action="store_true", help="plan and print actions, apply nothing")
     r.add_argument("--max-periods", type=_positive(int), default=None, help="stop after this many periods")
+    r.add_argument("--restore-on-exit", action="store_true",
+                   help="on SIGTERM/SIGINT put back every VM's original shares, pins and balloon target")
+    r.add_argument("--agent-timeout", type=_positive(float), default=1.0,
+                   help="seconds to wait for all guest agents together (default 1)")
     _trace_args(r)
     r.set_defaults(func=cmd_run)
 

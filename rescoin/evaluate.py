@@ -18,7 +18,10 @@ from .loop import Step
 from .resources import MEMORY, N_RES, RESOURCES
 
 VIOLATION = 0.95  # granted below this share of demand is a violation
-BREACH_TOL = 1e-3  # relative slack before "less than min(demand, entitlement)" counts
+BREACH_TOL = 1e-3  # relative slack before "less than min(demand, entitlement)" counts ...
+#: ... plus an absolute one per resource, the resolution of the controls
+#: (cpu.shares are integers: 1/1024 of a core per share; balloons move in pages)
+BREACH_ABS = np.array([0.01, 4.0, 1.0, 1.0])
 ACTUATION_KINDS = {0: ("shares", "quota"), 1: ("balloon",), 2: ("blkio",), 3: ("netcap",)}
 METRICS = ("satisfaction", "violations", "worst_off", "fairness", "breaches",
            "actuations_per_vm_hour", "reclaimed", "under_error", "over_error")
@@ -83,7 +86,7 @@ class Metrics:
         self.violations += (has & (g < VIOLATION * d)).sum(axis=0)
         ent = history.latest("entitlement")
         floor = np.minimum(d, ent)
-        self.breaches += (has & (g < floor * (1 - BREACH_TOL) - 1e-9)).sum(axis=0)
+        self.breaches += (has & (g < floor * (1 - BREACH_TOL) - BREACH_ABS)).sum(axis=0)
         fc = history.latest("forecast")
         known = has & ~np.isnan(fc)
         if known.any():

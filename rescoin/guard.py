@@ -29,6 +29,7 @@ class GuardConfig:
     mem_step_frac: float = 0.10  # largest change per period, share of max memory (starving growth exempt)
     mem_deadband_frac: float = 0.05  # skip changes smaller than this share of max memory ...
     mem_deadband_mib: float = 64.0  # ... or this many MiB
+    mem_grow_deadband_frac: float = 0.01  # growth smaller than this share of max memory is skipped
     starving_signal: float = 0.01  # memory pressure above this means starving
     starving_used: float = 0.95  # or used memory at this share of the target
     weight_deadband: float = 0.10  # relative change below which shares / blkio weight / caps stay
@@ -38,7 +39,8 @@ class GuardConfig:
         for name, value in self.__dict__.items():
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"guard.{name} = {value!r}: must be a finite number >= 0")
-        for name in ("mem_step_frac", "mem_deadband_frac", "mem_reserve_frac", "starving_used"):
+        for name in ("mem_step_frac", "mem_deadband_frac", "mem_grow_deadband_frac", "mem_reserve_frac",
+                     "starving_used"):
             if getattr(self, name) > 1:
                 raise ValueError(f"guard.{name} = {getattr(self, name)}: must be a fraction in [0, 1]")
 
@@ -73,14 +75,14 @@ class Guard:
     def memory_floor(self, obs: Observation) -> np.ndarray:
         c = self.config
         used = obs.usage[:, MEMORY]
-        cur = obs.controls.balloon
-        # unknown usage: do not reclaim below what the guest has now
-        used = np.where(np.isnan(used), fillnan(cur, 0.0), used)
+        cur = fillnan(obs.controls.balloon, 0.0)
         reserve = np.maximum(c.mem_reserve_mib, c.mem_reserve_frac * used)
-        floor = np.maximum.reduce([np.full_like(used, c.mem_floor_mib), obs.vms.min_memory, used + reserve])
+        # unknown usage (no agent, no balloon stats): never reclaim below what the guest has now
+        need = np.where(np.isnan(used), cur, used + reserve)
+        floor = np.maximum.reduce([np.full_like(cur, c.mem_floor_mib), obs.vms.min_memory, need])
         return np.minimum(floor, fillnan(obs.vms.sizes[:, MEMORY], np.inf))
 
-    def _balloon(self, want: np.ndarray, obs: Observation, capacity: float) -> np.ndarray:
+    def _balloon(self, want: np.ndarray, obs: Observation, capacity: float, entitled: np.ndarray) -> np.ndarray:
         c = self.config
         size = fillnan(obs.vms.sizes[:, MEMORY], np.inf)
         cur = np.where(np.isnan(obs.controls.balloon), size, obs.controls.balloon)
@@ -94,28 +96,47 @@ class Guard:
         target = np.where(obs.age == 0, np.maximum(target, np.minimum(cur, size)), target)
         step = c.mem_step_frac * np.where(np.isfinite(size), size, cur)
         target = np.maximum(target, np.minimum(cur - step, size))  # shrink at most one step
-        target = np.where(starving, target, np.minimum(target, np.maximum(cur + step, floor)))
-        band = np.maximum(c.mem_deadband_mib, c.mem_deadband_frac * np.where(np.isfinite(size), size, cur))
+        # growth is step-limited only above the entitlement and only for guests not starving
+        free_up = np.maximum(cur + step, np.maximum(floor, entitled))
+        target = np.where(starving, target, np.minimum(target, free_up))
+        # dead-band: shrinking is damped hard, growing (harmless to the guest) only lightly
+        scale = np.where(np.isfinite(size), size, cur)
+        band = np.where(target < cur, np.maximum(c.mem_deadband_mib, c.mem_deadband_frac * scale),
+                        np.maximum(c.mem_deadband_mib, c.mem_grow_deadband_frac * scale))
         keep = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= size)
+        keep &= ~((target > cur) & (cur < entitled * (1.0 - 1e-3)))  # growth back to the entitlement always goes
         target = np.where(keep, cur, target)
 
         total = target.sum()
         if np.isfinite(capacity) and total > capacity:
-            target = self._fit_memory(target, cur, floor, capacity)
+            target = self._fit_memory(target, cur, floor, starving, entitled, capacity)
         return target
 
-    def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray, capacity: float) -> np.ndarray:
-        """Bring the sum of targets down to host memory: cut growth first, then above-floor memory."""
-        over = target.sum() - capacity
-        growth = np.maximum(target - cur, 0.0)
-        if growth.sum() > 0:
-            target = target - growth * min(1.0, over / growth.sum())
+    def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray,
+                    starving: np.ndarray, entitled: np.ndarray, capacity: float) -> np.ndarray:
+        """Bring the sum of targets down to host memory, in order of harm.
+
+        First what lies above each guest's entitlement, then what lies below it:
+        each time growth of guests that are not starving, then their spare
+        memory (faster than the step limit if a starving guest needs it), then
+        the same of starving guests. Floors are never crossed.
+        """
+        # what is protected: the floor, and up to the entitlement what the guest is given
+        keep = np.maximum(floor, np.minimum(target, entitled))
+        growth = np.maximum(target - np.maximum(cur, keep), 0.0)
+        spare = np.maximum(np.minimum(target, cur) - keep, 0.0)
+        growth_in = np.maximum(np.minimum(target, keep) - np.maximum(cur, floor), 0.0)
+        spare_in = np.maximum(np.minimum(np.minimum(target, cur), keep) - floor, 0.0)
+        for take in (np.where(starving, 0.0, growth), np.where(starving, 0.0, spare),
+                     np.where(starving, growth, 0.0), np.where(starving, spare, 0.0),
+                     np.where(starving, 0.0, growth_in), np.where(starving, 0.0, spare_in),
+                     np.where(starving, growth_in, 0.0), np.where(starving, spare_in, 0.0)):
             over = target.sum() - capacity
-        if over > 0:
-            spare = np.maximum(target - floor, 0.0)
-            if spare.sum() > 0:
-                target = target - spare * min(1.0, over / spare.sum())
-                over = target.sum() - capacity
+            if over <= 1e-6:
+                break
+            if take.sum() > 0:
+                target = target - take * min(1.0, over / take.sum())
+        over = target.sum() - capacity
         if over > 1e-6:
             self.warnings.append(
                 f"memory floors need {target.sum():.0f} MiB but the host has {capacity:.0f} MiB "
@@ -123,7 +144,8 @@ class Guard:
             )
         return target
 
-    def plan(self, alloc: Allocation, obs: Observation, capacity: np.ndarray) -> Plan:
+    def plan(self, alloc: Allocation, obs: Observation, capacity: np.ndarray,
+             entitlement: np.ndarray | None = None) -> Plan:
         """Turn an allocation into safe control values and the set that changed."""
         c = self.config
         cur = obs.controls
@@ -149,7 +171,8 @@ class Guard:
         if np.isnan(mem).all():
             changed["balloon"] = np.zeros(n, dtype=bool)
         else:
-            new.balloon = self._balloon(mem, obs, float(capacity[MEMORY]))
+            entitled = np.zeros(n) if entitlement is None else fillnan(entitlement[:, MEMORY], 0.0)
+            new.balloon = self._balloon(mem, obs, float(capacity[MEMORY]), entitled)
             cur_b = np.where(np.isnan(cur.balloon), np.inf, cur.balloon)
             changed["balloon"] = np.abs(new.balloon - cur_b) > 0.5
             new.balloon = np.where(changed["balloon"], new.balloon, cur.balloon)

@@ -83,9 +83,9 @@ class History:
 
     def push(self, obs: Observation) -> None:
         """Start a new period: store what was observed and what was in force."""
-        self.align(obs.vms)
         if self.t > 0:
-            self.age += 1
+            self.age += 1  # VMs already known are a period older; new ones join at 0
+        self.align(obs.vms)
         self.t += 1
         s = self.slot
         self.ts[s] = obs.ts
@@ -131,14 +131,14 @@ class History:
         """Everything needed to resume after a restart, as plain arrays."""
         out: dict[str, np.ndarray] = {
             "meta": np.array([self.window, self.t]),
-            "ts": self.ts,
-            "age": self.age,
+            "ts": self.ts.copy(),
+            "age": self.age.copy(),
             "uuids": np.array([] if self.vms is None else self.vms.uuids, dtype=str),
         }
-        out.update({f"ring.{k}": v for k, v in self._ring.items()})
-        out.update({f"state.{k}": v for k, v in self._state.items()})
+        out.update({f"ring.{k}": v.copy() for k, v in self._ring.items()})
+        out.update({f"state.{k}": v.copy() for k, v in self._state.items()})
         out.update({f"fill.{k}": np.array(v) for k, v in self._fill.items()})
-        out.update({f"pending.{k}": v for k, v in self.pending.items()})
+        out.update({f"pending.{k}": v.copy() for k, v in self.pending.items()})
         return out
 
     @classmethod
@@ -146,19 +146,19 @@ class History:
         window, t = (int(x) for x in data["meta"])
         h = cls(window)
         h.t = t
-        h.ts = np.asarray(data["ts"], dtype=float)
-        h.age = np.asarray(data["age"], dtype=np.intp)
+        h.ts = np.array(data["ts"], dtype=float)
+        h.age = np.array(data["age"], dtype=np.intp)
         uuids = np.asarray(data["uuids"], dtype=str)
         n = uuids.shape[0]
         h.vms = VMSet.build(uuids, uuids, np.full((n, N_RES), np.nan))
         for key, value in data.items():
             kind, _, name = key.partition(".")
             if kind == "ring":
-                h._ring[name] = np.asarray(value, dtype=float)
+                h._ring[name] = np.array(value, dtype=float)
             elif kind == "state":
-                h._state[name] = np.asarray(value)
+                h._state[name] = np.array(value)
             elif kind == "fill":
                 h._fill[name] = float(value)
             elif kind == "pending":
-                h.pending[name] = np.asarray(value, dtype=float)
+                h.pending[name] = np.array(value, dtype=float)
         return h

@@ -24,6 +24,10 @@ from .predict import Predictor, make_predictor
 log = logging.getLogger("rescoin.loop")
 
 
+class HostUnavailableError(RuntimeError):
+    """Raised by a host that cannot be reached this period; the daemon waits and retries."""
+
+
 @dataclass
 class Step:
     """Everything one control step saw and did."""
@@ -71,7 +75,7 @@ class ControlLoop:
         if self.placement is not None:
             pins, width = self.placement.place(inp, placement_load(inp, self.placement.name))
             alloc = alloc.with_pins(pins, width)
-        plan = self.guard.plan(alloc, obs, capacity)
+        plan = self.guard.plan(alloc, obs, capacity, ent)
         result = self.host.apply(plan)
         h.decide(
             forecast=forecast.value if forecast is not None else np.full_like(ent, np.nan),
@@ -113,9 +117,10 @@ def run_daemon(
     while not stop.is_set() and (max_steps is None or taken < max_steps):
         try:
             step = loop.step()
+        except HostUnavailableError as e:  # libvirtd restarting: say so, retry next period
+            log.warning("%s", e)
         except Exception:  # noqa: BLE001 - the daemon must outlive a bad period
             log.exception("control step failed; continuing with the next period")
-            step = None
         else:
             if step is None:
                 break

@@ -37,12 +37,15 @@ class PredictorParams:
     pad_beta: float = 0.2  # smoothing of the error and variability trackers
     growth: float = 1.0  # multiplicative growth per period while the unmet signal is on
     threshold: float = 0.01  # unmet signal above this counts as "on"
+    hold_last: float = 0.0  # 1 = never forecast below the latest observation (0 = plain EWMA)
 
     def check(self, where: str) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, (int, float)) or not np.isfinite(v):
                 raise ValueError(f"{where}.{f.name} = {v!r}: must be a finite number")
+        if not 0.0 <= self.hold_last <= 1.0:
+            raise ValueError(f"{where}.hold_last = {self.hold_last}: must be in [0, 1]")
         for name in ("alpha_up", "alpha_down", "pad_beta"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{where}.{name} = {getattr(self, name)}: must be in (0, 1]")
@@ -89,7 +92,7 @@ class PaddedEWMA:
         col = lambda attr: np.array([getattr(self.params[r], attr) for r in RESOURCES], dtype=float)  # noqa: E731
         self._up, self._down = col("alpha_up"), col("alpha_down")
         self._pad_err, self._pad_std, self._beta = col("pad_error"), col("pad_std"), col("pad_beta")
-        self._growth, self._thr = col("growth"), col("threshold")
+        self._growth, self._thr, self._hold = col("growth"), col("threshold"), col("hold_last")
         self._key = f"predict.{name}."
 
     def predict(self, history: History) -> Forecast:
@@ -119,7 +122,8 @@ class PaddedEWMA:
 
         pad = np.maximum(self._pad_err * err, self._pad_std * np.sqrt(var))
         point = level.copy()
-        value = np.maximum(level, np.where(seen, x, level)) * corr + pad
+        held = level + self._hold * np.maximum(np.where(seen, x, level) - level, 0.0)
+        value = held * corr + pad
         prev_value[...] = value
         return Forecast(point=point, value=value)
 

@@ -22,9 +22,9 @@ SHORT = {"satisfaction": "satisf.", "violations": "viol.", "worst_off": "worst-o
          "under_error": "under-err", "over_error": "over-err"}
 
 
-def progress(console: Console | None = None) -> Progress:
+def progress(console: Console | None = None, transient: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
 
 
 def _fmt(v) -> str:

@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from ..arrays import fillnan
+from ..sharing import water_fill_columns
 
 from ..history import History
 from ..model import Allocation, Forecast, Observation
@@ -68,13 +69,35 @@ def managed(capacity: np.ndarray) -> np.ndarray:
     return ~np.isnan(capacity)
 
 
-def share_leftover(alloc: np.ndarray, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Hand what is left of each resource to the VMs in proportion to ``weight``."""
+def share_leftover(alloc: np.ndarray, capacity: np.ndarray, weight: np.ndarray,
+                   limit: np.ndarray | None = None) -> np.ndarray:
+    """Hand what is left of each resource to the VMs in proportion to ``weight``.
+
+    With ``limit`` (per VM and resource, NaN = none) no VM is given more than
+    it could use (its vCPUs, its maximum memory); the rest goes to the others.
+    """
     left = np.maximum(capacity - alloc.sum(axis=0), 0.0)
-    wsum = weight.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        frac = np.where(wsum > 0, weight / wsum, 1.0 / max(alloc.shape[0], 1))
-    return alloc + frac * left
+    if limit is None:
+        room = np.full_like(alloc, np.inf)
+    else:
+        room = np.maximum(np.where(np.isnan(limit), np.inf, limit) - alloc, 0.0)
+    w = np.where(weight.sum(axis=0) > 0, weight, 1.0)
+    finite = np.where(np.isinf(room), left[None, :] + 1.0, room)  # water_fill needs finite demand
+    return alloc + water_fill_columns(finite, w, left)
+
+
+def top_up(alloc: np.ndarray, capacity: np.ndarray, entitlement: np.ndarray,
+           limit: np.ndarray | None = None, share: float = 1.0) -> np.ndarray:
+    """Share what is left: first toward each VM's entitlement, then by entitlement.
+
+    Filling toward entitlements first means the memory a VM is given beyond its
+    entitlement comes a little from every other VM's, not mostly from the
+    smallest users: each keeps close to its entitlement, ready for a jump in demand.
+    """
+    left = np.maximum(capacity - alloc.sum(axis=0), 0.0)
+    below = np.maximum(share * entitlement - alloc, 0.0)
+    alloc = alloc + water_fill_columns(below, np.maximum(entitlement, 1e-12), left)
+    return share_leftover(alloc, capacity, entitlement, limit)
 
 
 def fit_to_capacity(alloc: np.ndarray, capacity: np.ndarray) -> np.ndarray:

@@ -41,8 +41,11 @@ def drf_fill(demand: np.ndarray, weight: np.ndarray, capacity: np.ndarray) -> np
     d = np.maximum(fillnan(demand, 0.0), 0.0)
     cap = fillnan(capacity, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(cap > 0, d / cap, 0.0)
+        share = np.where(cap > 0, d / cap, np.where(d > 0, np.inf, 0.0))
     dom = share.max(axis=1)  # dominant share of each VM's full demand
+    blocked = np.isinf(dom)  # needs a resource the host has none of: gets nothing
+    dom = np.where(blocked, 0.0, dom)
+    d = np.where(blocked[:, None], 0.0, d)
     w = np.maximum(weight, 1e-12)
     t = np.zeros(n)
     active = dom > 0
@@ -143,4 +146,4 @@ class OraclePolicy:
         tc = fillnan(inp.entitlement, 0.0)
         demand = np.maximum(fillnan(truth, 0.0), 0.0)
         fair = water_fill_columns(demand, tc, cap)
-        return finish(share_leftover(fair, cap, tc), inp.capacity)
+        return finish(share_leftover(fair, cap, tc, inp.obs.vms.sizes), inp.capacity)

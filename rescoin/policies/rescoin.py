@@ -17,7 +17,7 @@ from ..arrays import fillnan
 from ..model import Allocation
 from ..resources import N_RES, NET
 from ..sharing import water_fill_columns
-from .base import PolicyInput, finish, fit_to_capacity, managed, share_leftover
+from .base import PolicyInput, finish, fit_to_capacity, managed, top_up
 
 
 def credits(inp: PolicyInput, k: int) -> np.ndarray:
@@ -44,6 +44,7 @@ class RescoinPolicy:
     needs_truth: bool = False
     window: int = 10  # k: credit window in periods
     norm: float = 1.0  # how resources combine into one credit
+    keep_entitled: float = 1.0  # what is left goes first toward this share of each VM's entitlement
     cap_net: bool = True  # net is scheduled as a capped resource ...
     cap_above: float = 0.8  # ... once forecast net demand passes this share of the link
 
@@ -60,7 +61,7 @@ class RescoinPolicy:
         weight[:, no_coins] = tc[:, no_coins]
         room = np.maximum(fillnan(cap, 0.0) - base.sum(axis=0), 0.0)
         extra = water_fill_columns(excess, weight, room)
-        alloc = share_leftover(base + extra, fillnan(cap, 0.0), tc)
+        alloc = top_up(base + extra, fillnan(cap, 0.0), tc, inp.obs.vms.sizes, self.keep_entitled)
         caps = np.zeros(N_RES, dtype=bool)
         # caps only bind under contention: an idle link is no reason to throttle a burst
         caps[NET] = self.cap_net and est[:, NET].sum() > self.cap_above * fillnan(cap, 0.0)[NET]
