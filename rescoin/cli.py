@@ -109,7 +109,18 @@ def _open_host(uri: str, args: argparse.Namespace, console: Console):
     from .agent import AgentClient
     from .hosts.libvirt import HostUnavailable, LibvirtHost
 
-    host = LibvirtHost(uri, agents=AgentClient(timeout=args.agent_timeout))
+    from fnmatch import fnmatch
+
+    from .hosts.libvirt import HostSettings
+
+    settings = HostSettings()
+    if args.host_memory:
+        settings.reserve_mib = 0.0
+    pattern = args.vm_filter
+    host = LibvirtHost(uri, settings=settings, agents=AgentClient(timeout=args.agent_timeout),
+                       managed=(lambda _uuid, name: fnmatch(name, pattern)) if pattern else None)
+    if args.host_memory:
+        host.memory_limit_mib = args.host_memory
     try:
         host.capacity  # connect now: a wrong URI is reported before the daemon starts
     except HostUnavailable as e:
@@ -271,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-periods", type=_positive(int), default=None, help="stop after this many periods")
     r.add_argument("--restore-on-exit", action="store_true",
                    help="on SIGTERM/SIGINT put back every VM's original shares, pins and balloon target")
+    r.add_argument("--vm-filter", default=None, metavar="GLOB", help="manage only VMs whose name matches")
+    r.add_argument("--host-memory", type=_positive(float), default=None, metavar="MiB",
+                   help="memory the managed VMs may share (default: host memory minus a 1 GiB reserve)")
     r.add_argument("--agent-timeout", type=_positive(float), default=1.0,
                    help="seconds to wait for all guest agents together (default 1)")
     _trace_args(r)

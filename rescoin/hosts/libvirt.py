@@ -174,6 +174,7 @@ class LibvirtHost:
         self._event_lock = threading.Lock()
         self._event_thread: threading.Thread | None = None
         self._rows: list[str] = []
+        self.memory_limit_mib: float | None = None  # share at most this much memory among the VMs
 
     # -- capacity ------------------------------------------------------------------
     @property
@@ -189,7 +190,10 @@ class LibvirtHost:
             raise HostUnavailable("cannot read the host's CPU and memory from libvirt")
         mem_mib, pcpus = float(info[1]), int(info[2])
         s = self.settings
-        cap = np.array([max(pcpus - s.reserve_cores, 0.1), max(mem_mib - s.reserve_mib, 0.0), s.disk_kibs, s.net_kibs])
+        mem = max(mem_mib - s.reserve_mib, 0.0)
+        if self.memory_limit_mib is not None:
+            mem = min(mem, self.memory_limit_mib)
+        cap = np.array([max(pcpus - s.reserve_cores, 0.1), mem, s.disk_kibs, s.net_kibs])
         return HostCapacity(name=self.lv.uri, capacity=cap, pcpus=pcpus)
 
     # -- lifecycle events (started explicitly, never from the constructor) ---------
@@ -379,12 +383,10 @@ class LibvirtHost:
                 usage[i][MEMORY] = used
             sig = signals_from(rep, r.last_agent)
             r.last_agent = rep
-            if np.isfinite(sig.get("memory", np.nan)):
-                signal[i][MEMORY] = sig["memory"]
-            if not np.isfinite(signal[i][CPU]) and np.isfinite(sig.get("cpu", np.nan)):
-                signal[i][CPU] = sig["cpu"]
-            if np.isfinite(sig.get("io", np.nan)):
-                signal[i][DISK] = sig["io"]
+            for res, value in sig.items():
+                # the host's own view of CPU steal (vcpu delay) wins over the guest's
+                if np.isfinite(value) and not (res == CPU and np.isfinite(signal[i][CPU])):
+                    signal[i][int(res)] = value
 
     def _controls(self, rows: list[VMState]) -> Controls:
         n = len(rows)

@@ -196,7 +196,7 @@ class SimHost:
         rows, _, vidx = self._present(self.t - 1)
         c, new = self.controls, plan.controls
         if rows.size == self.all_vms.n:
-            self.controls = new
+            self.controls = new.copy()  # a Step handed out keeps its own plan
         else:
             for name in ("shares", "quota", "balloon", "blkio", "netcap"):
                 getattr(c, name)[rows] = getattr(new, name)

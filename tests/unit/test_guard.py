@@ -1,0 +1,324 @@
+"""The guard: safety floors, step limits, dead-bands, new VMs, weights (DESIGN section 8)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rescoin.guard import Guard, GuardConfig, blkio_weights
+from rescoin.model import Allocation, Controls
+from rescoin.resources import CPU, DISK, MEMORY, N_RES, NET
+
+NAN = np.nan
+C = GuardConfig()
+
+
+def setup(kit, size, cur, used, *, want=None, signal=None, age=None, min_memory=None, cpu=None,
+          disk=None, capacity=None, vcpus=None):
+    """Observation + Allocation for a memory (and optionally CPU/disk) decision."""
+    n = len(size)
+    sizes = np.column_stack([
+        np.full(n, 2.0) if vcpus is None else np.asarray(vcpus, float),
+        np.asarray(size, float), np.full(n, 1000.0), np.full(n, 1000.0),
+    ])
+    vms = kit.vms(n, sizes=sizes, min_memory=None if min_memory is None else np.asarray(min_memory, float))
+    usage = np.zeros((n, N_RES))
+    usage[:, MEMORY] = used
+    sig = np.zeros((n, N_RES))
+    if signal is not None:
+        sig[:, MEMORY] = signal
+    ctl = Controls.defaults(vms)
+    ctl.balloon = np.asarray(cur, float).copy()
+    cap = np.array([8.0, 1e9 if capacity is None else float(capacity), 4000.0, 4000.0])
+    obs = kit.obs(vms, usage, cap, signal=sig, controls=ctl, age=age)
+    amount = np.full((n, N_RES), NAN)
+    if want is not None:
+        amount[:, MEMORY] = want
+    if cpu is not None:
+        amount[:, CPU] = cpu
+    if disk is not None:
+        amount[:, DISK] = disk
+    return Allocation(amount=amount, caps=np.zeros(N_RES, dtype=bool)), obs, cap
+
+
+def floor_of(used, min_memory=0.0, size=np.inf):
+    used = np.asarray(used, float)
+    f = np.maximum.reduce([np.full_like(used, C.mem_floor_mib), np.broadcast_to(min_memory, used.shape),
+                           used + np.maximum(C.mem_reserve_mib, C.mem_reserve_frac * used)])
+    return np.minimum(f, size)
+
+
+# -- balloon floors and ceilings ----------------------------------------------------------------
+
+
+def test_target_never_below_used_plus_reserve(kit):
+    alloc, obs, cap = setup(kit, [8000.0], [4000.0], [3000.0], want=[100.0])
+    plan = Guard().plan(alloc, obs, cap)
+    # used 3000 + max(128, 300) = 3300, and shrinking 700 is within one step (800)
+    assert plan.controls.balloon[0] == pytest.approx(3300.0)
+
+
+def test_target_never_below_absolute_floor(kit):
+    alloc, obs, cap = setup(kit, [2048.0], [300.0], [10.0], want=[0.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] >= 256.0
+
+
+def test_target_never_below_min_memory(kit):
+    # size 2000: step 200, shrink band 100; min_guarantee 1850 binds before the step does
+    alloc, obs, cap = setup(kit, [2000.0], [2000.0], [100.0], want=[100.0], min_memory=[1850.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == pytest.approx(1850.0)
+
+
+def test_target_never_above_max_memory(kit):
+    alloc, obs, cap = setup(kit, [2048.0], [2000.0], [1990.0], want=[1e6], signal=[0.9])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == pytest.approx(2048.0)
+
+
+def test_sum_of_targets_fits_host_memory(kit):
+    # three guests want 3000 each on a host with 6000 MiB; floors are 628 each
+    alloc, obs, cap = setup(kit, [4000.0] * 3, [2000.0] * 3, [500.0] * 3, want=[3000.0] * 3, capacity=6000.0)
+    plan = Guard().plan(alloc, obs, cap)
+    b = plan.controls.balloon
+    assert b.sum() <= 6000.0 + 1e-6
+    assert np.all(b >= floor_of([500.0] * 3) - 1e-9)
+
+
+def test_sum_over_capacity_from_current_state_is_brought_down(kit):
+    # current balloons already exceed the host (an overcommitted start): the guard must fix it
+    alloc, obs, cap = setup(kit, [4000.0] * 3, [4000.0] * 3, [500.0] * 3, want=[NAN] * 3, capacity=6000.0)
+    alloc.amount[0, MEMORY] = 4000.0  # at least one resource decided, so the guard runs
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon.sum() <= 6000.0 + 1e-6
+    assert np.all(plan.controls.balloon >= floor_of([500.0] * 3) - 1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 2**32 - 1), st.booleans())
+def test_balloon_safety_properties(kit, n, seed, tight):
+    rng = np.random.default_rng(seed)
+    size = rng.uniform(512, 8192, n)
+    cur = size * rng.uniform(0.1, 1.0, n)
+    used = cur * rng.uniform(0.0, 1.0, n)
+    minm = np.where(rng.uniform(size=n) < 0.3, rng.uniform(0, 1024, n), 0.0)
+    want = np.where(rng.uniform(size=n) < 0.2, NAN, rng.uniform(0, 10000, n))
+    sig = np.where(rng.uniform(size=n) < 0.3, rng.uniform(0, 1, n), 0.0)
+    age = rng.integers(0, 3, n)
+    floor = floor_of(used, minm, size)
+    capacity = floor.sum() + rng.uniform(0, 1) * size.sum() if tight else 10 * size.sum()
+    alloc, obs, cap = setup(kit, size, cur, used, want=want, signal=sig, age=age, min_memory=minm,
+                            capacity=capacity)
+    alloc.amount[0, MEMORY] = rng.uniform(0, 10000)  # never all-NaN
+    want = alloc.amount[:, MEMORY]
+    plan = Guard().plan(alloc, obs, cap)
+    b = plan.controls.balloon
+    # changes under 0.5 MiB are not actuated (below balloon granularity): allow that much
+    tol = 0.5 + 1e-6
+    assert np.all(b >= floor - tol), "balloon target below the floor"
+    assert np.all(b <= size + tol), "balloon target above max memory"
+    assert b.sum() <= capacity + tol * n, "sum of balloon targets above host memory"
+    if not tight:
+        step = C.mem_step_frac * size
+        # shrink at most one step, and never from a VM that just appeared, unless its floor demands it
+        assert np.all(b >= np.minimum(cur - step, size) - tol)
+        new = age == 0
+        assert np.all(b[new] >= np.minimum(cur[new], size[new]) - tol)
+        starving = (sig > C.starving_signal) | (used >= C.starving_used * cur)
+        # growth of a guest that is not starving is step-limited (no entitlement given to the guard)
+        calm = ~starving
+        assert np.all(b[calm] <= np.maximum(cur[calm] + step[calm], floor[calm]) + tol)
+        # a starving guest gets what it asked for (within floor and max), in one period
+        ask = np.clip(np.where(np.isnan(want), cur, want), floor, size)
+        grow_frac = getattr(C, "mem_grow_deadband_frac", C.mem_deadband_frac)
+        grow = starving & (ask > cur) & (age > 0) & (ask - cur >= np.maximum(C.mem_deadband_mib, grow_frac * size))
+        np.testing.assert_allclose(b[grow], ask[grow], atol=tol)
+    changed = plan.changed["balloon"]
+    np.testing.assert_array_equal(changed, np.abs(b - cur) > 0.5)
+
+
+@pytest.mark.parametrize("want", [NAN, 500.0, 1000.0])
+def test_unknown_usage_neither_reclaims_nor_inflates(kit, want):
+    # no agent, no balloon stats: the guard cannot know the floor, so it keeps what the guest has
+    alloc, obs, cap = setup(kit, [4000.0, 4000.0], [1000.0, 1000.0], [NAN, 500.0], want=[want, 900.0])
+    for _ in range(3):  # period after period: the target must not creep up by a reserve each time
+        plan = Guard().plan(alloc, obs, cap)
+        assert plan.controls.balloon[0] == 1000.0
+        assert not plan.changed["balloon"][0]
+        obs.controls = plan.controls
+
+
+# -- step limits and dead-band -------------------------------------------------------------------
+
+
+def test_shrink_limited_to_one_step_per_period(kit):
+    alloc, obs, cap = setup(kit, [8000.0], [4000.0], [500.0], want=[1000.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == pytest.approx(4000.0 - C.mem_step_frac * 8000.0)
+
+
+def test_growth_of_calm_guest_is_step_limited(kit):
+    alloc, obs, cap = setup(kit, [8000.0], [1000.0], [600.0], want=[4000.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == pytest.approx(1000.0 + C.mem_step_frac * 8000.0)
+
+
+def test_growth_of_starving_guest_by_signal_is_not_step_limited(kit):
+    alloc, obs, cap = setup(kit, [8000.0], [1000.0], [600.0], want=[4000.0], signal=[0.5])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == pytest.approx(4000.0)
+
+
+def test_growth_of_starving_guest_by_usage_is_not_step_limited(kit):
+    alloc, obs, cap = setup(kit, [8000.0], [1000.0], [990.0], want=[4000.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == pytest.approx(4000.0)
+
+
+@pytest.mark.parametrize("want", [3700.0, 3990.0, 4000.0 + 63.0])
+def test_deadband_skips_small_changes(kit, want):
+    # shrinking band = max(64, 5% of 8000 = 400); any band is at least 64 MiB
+    alloc, obs, cap = setup(kit, [8000.0], [4000.0], [1000.0], want=[want])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == 4000.0
+    assert not plan.changed["balloon"][0]
+
+
+def test_change_beyond_deadband_is_applied(kit):
+    alloc, obs, cap = setup(kit, [8000.0], [4000.0], [1000.0], want=[3300.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == pytest.approx(3300.0)
+    assert plan.changed["balloon"][0]
+
+
+def test_new_vm_is_never_reclaimed_from(kit):
+    alloc, obs, cap = setup(kit, [8000.0, 8000.0], [4000.0, 4000.0], [500.0, 500.0],
+                            want=[1000.0, 1000.0], age=[0, 3])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] >= 4000.0
+    assert plan.controls.balloon[1] < 4000.0
+
+
+def test_floor_above_current_raises_target_even_in_deadband(kit):
+    # used grew to 3950 of a 4000 balloon: floor 4345 > current, so the guard must raise it
+    alloc, obs, cap = setup(kit, [8000.0], [4000.0], [3950.0], want=[4000.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] >= 3950.0 + 395.0 - 1e-9
+
+
+# -- CPU shares, quota, blkio ------------------------------------------------------------------
+
+
+def test_shares_proportional_to_cpu_allocation(kit):
+    cpu = np.array([0.5, 2.0, 3.0, 8.0])
+    alloc, obs, cap = setup(kit, [2048.0] * 4, [2048.0] * 4, [100.0] * 4, cpu=cpu)
+    plan = Guard().plan(alloc, obs, cap)
+    s = plan.controls.shares
+    assert plan.changed["shares"].all()
+    np.testing.assert_allclose(s / s.sum(), cpu / cpu.sum(), rtol=2e-3)
+    np.testing.assert_allclose(s, cpu * 1024.0, atol=0.5)  # cgroup v1 scale: 1024 per core
+
+
+def test_shares_clipped_to_kernel_range(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2, cpu=[0.0, 1e6])
+    plan = Guard().plan(alloc, obs, cap)
+    np.testing.assert_array_equal(plan.controls.shares, [2.0, 262144.0])
+
+
+def test_shares_deadband(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2, cpu=[1.05, 1.5])
+    plan = Guard().plan(alloc, obs, cap)
+    # 1075 is within 10% of the default 1024: left alone; 1536 is not
+    np.testing.assert_array_equal(plan.controls.shares, [1024.0, 1536.0])
+    np.testing.assert_array_equal(plan.changed["shares"], [False, True])
+
+
+def test_quota_when_cpu_is_capped(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2, cpu=[0.5, 5.0], vcpus=[2, 2])
+    alloc.caps[CPU] = True
+    plan = Guard().plan(alloc, obs, cap)
+    np.testing.assert_allclose(plan.controls.quota, [0.5, 2.0])  # never more than its vCPUs
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.floats(-10, 1e7, allow_subnormal=False), st.just(NAN)), min_size=1, max_size=10))
+def test_blkio_weights_within_kernel_range(kit, disk):
+    disk = np.array(disk)
+    w = blkio_weights(disk)
+    ok = ~np.isnan(w)
+    assert np.all((w[ok] >= 10.0) & (w[ok] <= 1000.0))
+    n = disk.size
+    alloc, obs, cap = setup(kit, [2048.0] * n, [2048.0] * n, [100.0] * n, disk=disk)
+    plan = Guard().plan(alloc, obs, cap)
+    b = plan.controls.blkio
+    assert np.all((b >= 10.0) & (b <= 1000.0))
+    # NaN allocation: weight left as it was
+    assert np.all(b[np.isnan(disk)] == obs.controls.blkio[np.isnan(disk)])
+
+
+def test_blkio_weights_proportional():
+    w = blkio_weights(np.array([100.0, 200.0, 400.0]))
+    # largest 400 -> scale 512: 1000 * x / 512
+    np.testing.assert_allclose(w, np.round(1000.0 * np.array([100.0, 200.0, 400.0]) / 512.0))
+    assert w[2] == pytest.approx(2 * w[1], abs=1) and w[1] == pytest.approx(2 * w[0], abs=1)
+
+
+# -- NaN = no change ------------------------------------------------------------------------
+
+
+def test_all_nan_allocation_changes_nothing(kit):
+    alloc, obs, cap = setup(kit, [4096.0] * 3, [3000.0, 2000.0, 1000.0], [500.0, 500.0, 500.0])
+    before = obs.controls.copy()
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.empty
+    assert not any(v.any() for v in plan.changed.values())
+    for name in ("shares", "quota", "balloon", "blkio", "netcap", "pins"):
+        np.testing.assert_array_equal(getattr(plan.controls, name), getattr(before, name))
+    # the observation's controls are not mutated
+    np.testing.assert_array_equal(obs.controls.balloon, before.balloon)
+
+
+def test_nan_row_leaves_that_vm_alone(kit):
+    alloc, obs, cap = setup(kit, [8000.0, 8000.0], [4000.0, 4000.0], [500.0, 500.0],
+                            want=[NAN, 3000.0], cpu=[NAN, 3.0])
+    plan = Guard().plan(alloc, obs, cap)
+    assert plan.controls.balloon[0] == 4000.0 and not plan.changed["balloon"][0]
+    assert plan.controls.shares[0] == 1024.0 and not plan.changed["shares"][0]
+    assert plan.controls.balloon[1] == pytest.approx(3200.0)  # one step down
+    assert plan.controls.shares[1] == 3072.0
+
+
+def test_pins_none_leaves_pins(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2)
+    plan = Guard().plan(alloc, obs, cap)
+    np.testing.assert_array_equal(plan.controls.pins, obs.controls.pins)
+    assert not plan.changed["pin"].any()
+
+
+def test_pin_changes_reported(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2)
+    pins = np.array([0, 1, 1, 0])  # 2 VMs x 2 vCPUs
+    plan = Guard().plan(alloc.with_pins(pins), obs, cap)
+    np.testing.assert_array_equal(plan.controls.pins, pins)
+    assert plan.changed["pin"].all()  # every vCPU was floating before
+
+
+def test_guard_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        Guard(GuardConfig(mem_step_frac=1.5))
+    with pytest.raises(ValueError):
+        Guard(GuardConfig(mem_floor_mib=-1.0))
+    with pytest.raises(ValueError):
+        Guard(GuardConfig(mem_reserve_mib=float("nan")))
+
+
+def test_netcap_only_when_capped(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2)
+    alloc.amount[:, NET] = [10.0, 500.0]
+    plan = Guard().plan(alloc, obs, cap)
+    assert np.isnan(plan.controls.netcap).all()  # weights only: no cap
+    alloc.caps[NET] = True
+    plan = Guard().plan(alloc, obs, cap)
+    np.testing.assert_allclose(plan.controls.netcap, [C.net_min_kibs, 500.0])
