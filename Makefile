@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup demo test unit e2e bench clean
+.PHONY: all setup host demo test unit e2e bench clean
 
 all: test
 
@@ -18,16 +18,20 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# libvirtd, QEMU and libvirt-python for the integration and end-to-end tests (root; idempotent)
+host: $(STAMP)
+	bash scripts/setup-host --venv $(VENV)
+
 demo: $(STAMP)
 	$(BIN)/rescoin demo
 
-test: $(STAMP)
+test: $(STAMP) host
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-e2e: $(STAMP)
+e2e: $(STAMP) host
 	$(BIN)/python -m pytest -q -m e2e tests
 
 bench: $(STAMP)

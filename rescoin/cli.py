@@ -114,6 +114,10 @@ def _open_host(uri: str, args: argparse.Namespace, console: Console):
     from .hosts.libvirt import HostSettings
 
     settings = HostSettings()
+    if args.disk_kibs:
+        settings.disk_kibs = args.disk_kibs
+    if args.net_kibs:
+        settings.net_kibs = args.net_kibs
     if args.host_memory:
         settings.reserve_mib = 0.0
     pattern = args.vm_filter
@@ -285,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vm-filter", default=None, metavar="GLOB", help="manage only VMs whose name matches")
     r.add_argument("--host-memory", type=_positive(float), default=None, metavar="MiB",
                    help="memory the managed VMs may share (default: host memory minus a 1 GiB reserve)")
+    r.add_argument("--disk-kibs", type=_positive(float), default=None, metavar="KiB/s",
+                   help="disk bandwidth shared by blkio weights (default 204800)")
+    r.add_argument("--net-kibs", type=_positive(float), default=None, metavar="KiB/s",
+                   help="link bandwidth shared by interface caps (default 125000)")
     r.add_argument("--agent-timeout", type=_positive(float), default=1.0,
                    help="seconds to wait for all guest agents together (default 1)")
     _trace_args(r)
@@ -300,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=_positive(float), default=20.0, help="wall time for the live replay")
     d.add_argument("--history", default="rescoin-history", metavar="DIR", help="where to write history CSV")
     d.set_defaults(func=cmd_demo)
+
+    from .lab import add_lab_parser
+
+    add_lab_parser(sub)
     return p
 
 

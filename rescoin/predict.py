@@ -38,6 +38,7 @@ class PredictorParams:
     growth: float = 1.0  # multiplicative growth per period while the unmet signal is on
     threshold: float = 0.01  # unmet signal above this counts as "on"
     hold_last: float = 0.0  # 1 = never forecast below the latest observation (0 = plain EWMA)
+    max_growth: float = 8.0  # the correction never multiplies the estimate by more than this
 
     def check(self, where: str) -> None:
         for f in fields(self):
@@ -51,6 +52,8 @@ class PredictorParams:
                 raise ValueError(f"{where}.{name} = {getattr(self, name)}: must be in (0, 1]")
         if self.pad_error < 0 or self.pad_std < 0:
             raise ValueError(f"{where}: padding factors must be >= 0")
+        if self.max_growth < 1.0:
+            raise ValueError(f"{where}.max_growth = {self.max_growth}: must be >= 1")
         if self.growth < 1.0:
             raise ValueError(f"{where}.growth = {self.growth}: must be >= 1 (1 = no correction)")
         if not 0.0 <= self.threshold < 1.0:
@@ -93,6 +96,7 @@ class PaddedEWMA:
         self._up, self._down = col("alpha_up"), col("alpha_down")
         self._pad_err, self._pad_std, self._beta = col("pad_error"), col("pad_std"), col("pad_beta")
         self._growth, self._thr, self._hold = col("growth"), col("threshold"), col("hold_last")
+        self._max_growth = col("max_growth")
         self._key = f"predict.{name}."
 
     def predict(self, history: History) -> Forecast:
@@ -116,7 +120,7 @@ class PaddedEWMA:
         level += alpha * dev
 
         on = fillnan(sig, 0.0) > self._thr
-        grown = corr * self._growth
+        grown = np.minimum(corr * self._growth, self._max_growth)
         relaxed = np.maximum(1.0, np.sqrt(corr))
         corr[...] = np.where(on, grown, relaxed)
 

@@ -357,8 +357,9 @@ class LibvirtHost:
         delay = rate("delay", 1e9)
         u = [cpu, np.nan, rate("disk", 1024.0), rate("net", 1024.0)]
         s = [np.nan, np.nan, np.nan, np.nan]
-        if np.isfinite(delay) and np.isfinite(cpu) and delay + cpu > 0:
-            s[CPU] = delay / (delay + cpu)  # time runnable but not running: steal seen from the host
+        if np.isfinite(delay):
+            # share of wall time the vCPUs were runnable but not running: steal seen from the host
+            s[CPU] = min(1.0, delay / max(state.vcpus, 1))
         avail, usable, unused = stats.get("balloon.available"), stats.get("balloon.usable"), stats.get("balloon.unused")
         if avail is not None and (usable is not None or unused is not None):
             u[MEMORY] = (avail - (usable if usable is not None else unused)) / 1024.0

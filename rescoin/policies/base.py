@@ -16,7 +16,7 @@ from ..sharing import water_fill_columns
 
 from ..history import History
 from ..model import Allocation, Forecast, Observation
-from ..resources import N_RES
+from ..resources import CPU, N_RES
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,10 @@ class PolicyInput:
         """Forecast to plan on; where unknown, the entitlement (a cautious guess)."""
         if self.forecast is None:
             return self.entitlement.copy()
-        est = self.forecast.value
-        return np.where(np.isnan(est), self.entitlement, est)
+        est = np.where(np.isnan(self.forecast.value), self.entitlement, self.forecast.value)
+        # a VM can never use more cores than it has vCPUs, whatever the correction says
+        est[:, CPU] = np.minimum(est[:, CPU], fillnan(self.obs.vms.sizes[:, CPU], np.inf))
+        return est
 
     def used(self) -> np.ndarray:
         """Latest observed usage; unknown counts as zero."""

@@ -336,7 +336,7 @@ def test_rescoin_contention_no_coins_weights_excess_by_entitlement(kit):
 def test_rescoin_contention_coins_go_to_the_saver(kit):
     # VM1 used 1 < tc (earned coins), VM2 used 5 > tc (spent coins): the excess goes to VM1
     tc = 10.0 / 3
-    inp = cpu_input(kit, [4.0, 4.0, 4.0], [2.0, 6.0, 6.0], [[2.0, 1.0, 5.0]] * 3)
+    inp = cpu_input(kit, [8.0, 8.0, 8.0], [2.0, 6.0, 6.0], [[2.0, 1.0, 5.0]] * 3)
     got = make_policy("rescoin").allocate(inp).amount[:, CPU]
     room = 10.0 - (2.0 + 2 * tc)
     np.testing.assert_allclose(got, [2.0, tc + room, tc])
