@@ -81,41 +81,33 @@ def _read_text(path):
         return None
 
 
-def read_meminfo(proc):
-    text = _read_text(os.path.join(proc, "meminfo"))
-    out = {}
-    if text is None:
-        return out
+def _numbers(text, sep=None):
+    """``name value`` lines (``name: value kB`` with sep=":") as a dict of non-negative ints."""
     values = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
+    for line in (text or "").splitlines():
+        if sep:
+            name, _, rest = line.partition(sep)
+        else:
+            name, _, rest = line.partition(" ")
         parts = rest.split()
-        if parts:
+        if name.strip() and parts:
             try:
-                values[name.strip()] = int(parts[0])
-            except ValueError:
-                pass
-    for src, dst in MEMINFO_FIELDS:
-        if src in values and values[src] >= 0:
-            out[dst] = values[src]
-    return out
-
-
-def read_vmstat(proc):
-    text = _read_text(os.path.join(proc, "vmstat"))
-    out = {}
-    if text is None:
-        return out
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] in VMSTAT_FIELDS:
-            try:
-                value = int(parts[1])
+                value = int(parts[0])
             except ValueError:
                 continue
             if value >= 0:
-                out[parts[0]] = value
-    return out
+                values[name.strip()] = value
+    return values
+
+
+def read_meminfo(proc):
+    values = _numbers(_read_text(os.path.join(proc, "meminfo")), ":")
+    return dict((dst, values[src]) for src, dst in MEMINFO_FIELDS if src in values)
+
+
+def read_vmstat(proc):
+    values = _numbers(_read_text(os.path.join(proc, "vmstat")))
+    return dict((k, values[k]) for k in VMSTAT_FIELDS if k in values)
 
 
 def read_cpu(proc):

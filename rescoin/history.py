@@ -122,10 +122,6 @@ class History:
             self._fill[name] = fill
         return arr
 
-    def set_state(self, name: str, value: np.ndarray, fill: float = np.nan) -> None:
-        self._state[name] = value
-        self._fill.setdefault(name, fill)
-
     # -- persistence --------------------------------------------------------
     def snapshot(self) -> dict[str, np.ndarray]:
         """Everything needed to resume after a restart, as plain arrays."""

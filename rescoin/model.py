@@ -87,24 +87,6 @@ class Controls:
         return Controls(self.shares.copy(), self.quota.copy(), self.balloon.copy(), self.blkio.copy(),
                         self.netcap.copy(), self.pins.copy(), self.pin_width)
 
-    def take(self, rows: np.ndarray, old_vms: VMSet, new_vms: VMSet, fill: "Controls") -> "Controls":
-        """Realign to a new VM row order: ``rows[i]`` is the old row of new VM i or -1."""
-        known = rows >= 0
-        out = fill.copy()
-        out.pin_width = self.pin_width
-        for name in ("shares", "quota", "balloon", "blkio", "netcap"):
-            getattr(out, name)[known] = getattr(self, name)[rows[known]]
-        old_start = np.r_[0, np.cumsum(old_vms.vcpus)[:-1]]
-        new_start = np.r_[0, np.cumsum(new_vms.vcpus)[:-1]]
-        keep = np.flatnonzero(known & (new_vms.vcpus == old_vms.vcpus[np.maximum(rows, 0)]))
-        if keep.size:
-            counts = new_vms.vcpus[keep]
-            offs = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            out.pins[np.repeat(new_start[keep], counts) + offs] = self.pins[
-                np.repeat(old_start[rows[keep]], counts) + offs
-            ]
-        return out
-
 
 @dataclass
 class Observation:

@@ -85,8 +85,44 @@ def water_fill(
     return grant
 
 
-def water_fill_columns(demand: np.ndarray, weight: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """Water-fill each column of an ``(n, k)`` array against ``capacity[k]``."""
-    n, k = demand.shape
+def water_fill_columns(demand: np.ndarray, weight: np.ndarray, capacity: np.ndarray,
+                       rounds: int = 8) -> np.ndarray:
+    """Water-fill each column of an ``(n, k)`` array against ``capacity[k]``.
+
+    Usually a few rounds of "split the rest by weight, saturate who needs
+    less" settle it with whole-array operations; if not, the exact sorted
+    algorithm finishes from where the rounds left off.
+    """
+    d = np.maximum(fillnan(demand, 0.0), 0.0)
+    w = np.maximum(fillnan(weight, 0.0), 0.0)
+    cap = np.maximum(fillnan(capacity, 0.0), 0.0)
+    if (d.sum(axis=0) <= cap).all():
+        return d
+    if not (w > 0).all():
+        return _sorted_columns(d, w, cap)
+    grant = np.zeros_like(d)
+    active = d > 0
+    left = cap.copy()
+    for _ in range(rounds):
+        wa = np.where(active, w, 0.0)
+        wsum = wa.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            level = np.where(wsum > 0, left / wsum, 0.0)
+        offer = level * wa
+        need = d - grant
+        full = active & (need <= offer)
+        if not full.any():  # nobody saturates: the level holds for everyone still active
+            return grant + offer
+        grant = np.where(full, d, grant)
+        left = cap - grant.sum(axis=0)
+        active &= ~full
+        if not active.any():
+            return grant
+    rest = _sorted_columns(np.where(active, d - grant, 0.0), w, np.maximum(left, 0.0))
+    return grant + rest
+
+
+def _sorted_columns(d: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    n, k = d.shape
     group = np.broadcast_to(np.arange(k), (n, k)).ravel()
-    return water_fill(demand.ravel(), weight.ravel(), capacity, group).reshape(n, k)
+    return water_fill(d.ravel(), w.ravel(), cap, group).reshape(n, k)

@@ -173,7 +173,6 @@ class LibvirtHost:
         self._events: list[tuple[str, int]] = []
         self._event_lock = threading.Lock()
         self._event_thread: threading.Thread | None = None
-        self._rows: list[str] = []
         self.memory_limit_mib: float | None = None  # share at most this much memory among the VMs
 
     # -- capacity ------------------------------------------------------------------
@@ -327,7 +326,6 @@ class LibvirtHost:
             sizes=np.array([[r.vcpus, r.max_mib, cap.capacity[DISK], cap.capacity[NET]] for r in rows]).reshape(n, N_RES),
             min_memory=np.array([r.min_mib for r in rows]),
         )
-        self._rows = [r.uuid for r in rows]
         return Observation(
             ts=now, interval=interval if np.isfinite(interval) else 0.0, host=cap, vms=vms,
             usage=np.array(usage, dtype=float).reshape(n, N_RES),

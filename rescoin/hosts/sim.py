@@ -22,7 +22,7 @@ import numpy as np
 
 from ..arrays import fillnan
 
-from ..model import Controls, Observation, Plan, VMSet
+from ..model import ACTION_KINDS, Controls, Observation, Plan, VMSet
 from ..resources import CPU, MEMORY, N_RES, HostCapacity
 from ..sharing import water_fill, water_fill_columns
 from .base import ApplyResult
@@ -85,7 +85,7 @@ class SimHost:
         self.t = 0
         self._rows: np.ndarray | None = None
         self._view: tuple[VMSet, np.ndarray] | None = None
-        self.actions = {k: 0 for k in ("shares", "quota", "balloon", "blkio", "netcap", "pin")}
+        self.actions = {k: 0 for k in ACTION_KINDS}
 
     @property
     def capacity(self) -> HostCapacity:

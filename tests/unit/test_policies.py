@@ -102,12 +102,15 @@ def scenarios(draw, n=None):
     return dict(sizes=sizes, cap=cap, usages=usages, signals=signals, balloon=balloon, truth_next=truth_next)
 
 
+def make_input(kit, policy, sc):
+    vms = kit.vms(sc["sizes"].shape[0], sizes=sc["sizes"])
+    return kit.input(vms, sc["usages"], sc["cap"], signals=sc["signals"], predictor=policy.predictor,
+                     truth_next=sc["truth_next"], balloon=sc["balloon"])
+
+
 def run_policy_once(kit, name, sc):
     policy = make_policy(name)
-    n = sc["sizes"].shape[0]
-    vms = kit.vms(n, sizes=sc["sizes"])
-    inp = kit.input(vms, sc["usages"], sc["cap"], signals=sc["signals"], predictor=policy.predictor,
-                    truth_next=sc["truth_next"], balloon=sc["balloon"])
+    inp = make_input(kit, policy, sc)
     return inp, policy.allocate(inp)
 
 
@@ -155,10 +158,7 @@ def test_policy_invariants(kit, name, sc):
 def test_policy_is_pure_and_blind_to_truth(kit, name, sc):
     """A policy reads a snapshot and changes nothing; only the oracle may look at true demand."""
     policy = make_policy(name)
-    n = sc["sizes"].shape[0]
-    vms = kit.vms(n, sizes=sc["sizes"])
-    inp = kit.input(vms, sc["usages"], sc["cap"], signals=sc["signals"], predictor=policy.predictor,
-                    truth_next=sc["truth_next"], balloon=sc["balloon"])
+    inp = make_input(kit, policy, sc)
     hist_before = {k: np.array(v, copy=True) for k, v in inp.history.snapshot().items()}
     obs_before = {k: np.array(getattr(inp.obs, k), copy=True) for k in ("usage", "signal", "age")}
     ctl_before = inp.obs.controls.copy()

@@ -181,3 +181,16 @@ def test_scaling_weights_changes_nothing(d, cap, c):
     d = np.array(d)
     w = np.linspace(1.0, 3.0, d.size)
     np.testing.assert_allclose(water_fill(d, w, cap), water_fill(d, w * c, cap), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_columns_fast_path_equals_the_sorted_algorithm(n, k, seed):
+    """The rounds of proportional filling give exactly the sorted water-filling result."""
+    from rescoin.sharing import _sorted_columns, water_fill_columns
+
+    rng = np.random.default_rng(seed)
+    d = rng.exponential(1.0, (n, k)) * (rng.random((n, k)) > 0.2)
+    w = rng.exponential(1.0, (n, k)) + 0.01
+    cap = rng.random(k) * d.sum(axis=0)
+    np.testing.assert_allclose(water_fill_columns(d, w, cap), _sorted_columns(d, w, cap), rtol=1e-9, atol=1e-9)
