@@ -26,7 +26,8 @@ class GuardConfig:
     mem_floor_mib: float = 256.0  # absolute floor of any balloon target
     mem_reserve_mib: float = 128.0  # headroom above used memory, at least ...
     mem_reserve_frac: float = 0.10  # ... or this share of used memory
-    mem_step_frac: float = 0.10  # largest change per period, share of max memory (starving growth exempt)
+    mem_step_frac: float = 0.10  # largest shrink per period, share of max memory
+    mem_grow_step_frac: float = 0.25  # largest growth above the entitlement per period (starving guests exempt)
     mem_deadband_frac: float = 0.05  # skip changes smaller than this share of max memory ...
     mem_deadband_mib: float = 64.0  # ... or this many MiB
     mem_grow_deadband_frac: float = 0.01  # growth smaller than this share of max memory is skipped
@@ -39,7 +40,7 @@ class GuardConfig:
         for name, value in self.__dict__.items():
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"guard.{name} = {value!r}: must be a finite number >= 0")
-        for name in ("mem_step_frac", "mem_deadband_frac", "mem_grow_deadband_frac", "mem_reserve_frac",
+        for name in ("mem_step_frac", "mem_grow_step_frac", "mem_deadband_frac", "mem_grow_deadband_frac", "mem_reserve_frac",
                      "starving_used"):
             if getattr(self, name) > 1:
                 raise ValueError(f"guard.{name} = {getattr(self, name)}: must be a fraction in [0, 1]")
@@ -97,26 +98,34 @@ class Guard:
         step = c.mem_step_frac * np.where(np.isfinite(size), size, cur)
         target = np.maximum(target, np.minimum(cur - step, size))  # shrink at most one step
         # growth is step-limited only above the entitlement and only for guests not starving
-        free_up = np.maximum(cur + step, np.maximum(floor, entitled))
+        grow_step = c.mem_grow_step_frac * np.where(np.isfinite(size), size, cur)
+        free_up = np.maximum(cur + grow_step, np.maximum(floor, entitled))
         target = np.where(starving, target, np.minimum(target, free_up))
         # dead-band: shrinking is damped hard, growing (harmless to the guest) only lightly
         scale = np.where(np.isfinite(size), size, cur)
         band = np.where(target < cur, np.maximum(c.mem_deadband_mib, c.mem_deadband_frac * scale),
                         np.maximum(c.mem_deadband_mib, c.mem_grow_deadband_frac * scale))
-        keep = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= size)
-        keep &= ~((target > cur) & (cur < entitled * (1.0 - 1e-3)))  # growth back to the entitlement always goes
+        grow_back = (target > cur) & (cur < entitled * (1.0 - 1e-3))  # growth back to the entitlement always goes
+        keep = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= size) & ~grow_back
+        held = np.where(keep, np.maximum(cur - target, 0.0), 0.0)  # memory the dead-band keeps in place
         target = np.where(keep, cur, target)
 
-        total = target.sum()
-        if np.isfinite(capacity) and total > capacity:
-            target = self._fit_memory(target, cur, floor, starving, entitled, capacity)
+        if np.isfinite(capacity) and target.sum() > capacity:
+            target = self._fit_memory(target, cur, floor, starving, entitled, capacity, held)
+            # after fitting, skip what became small changes, as long as host memory still holds
+            small = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= size)
+            lower = small & (cur <= target) & ~grow_back  # keeping a lower target never breaks the sum
+            target = np.where(lower, cur, target)
+            higher = small & (cur > target)
+            if np.where(higher, cur, target).sum() <= capacity:
+                target = np.where(higher, cur, target)
         return target
 
-    def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray,
-                    starving: np.ndarray, entitled: np.ndarray, capacity: float) -> np.ndarray:
+    def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray, starving: np.ndarray,
+                    entitled: np.ndarray, capacity: float, held: np.ndarray) -> np.ndarray:
         """Bring the sum of targets down to host memory, in order of harm.
 
-        First what lies above each guest's entitlement, then what lies below it:
+        First memory that only the dead-band kept in place, then what lies above each guest's entitlement, then what lies below it:
         each time growth of guests that are not starving, then their spare
         memory (faster than the step limit if a starving guest needs it), then
         the same of starving guests. Floors are never crossed.
@@ -127,7 +136,7 @@ class Guard:
         spare = np.maximum(np.minimum(target, cur) - keep, 0.0)
         growth_in = np.maximum(np.minimum(target, keep) - np.maximum(cur, floor), 0.0)
         spare_in = np.maximum(np.minimum(np.minimum(target, cur), keep) - floor, 0.0)
-        for take in (np.where(starving, 0.0, growth), np.where(starving, 0.0, spare),
+        for take in (held, np.where(starving, 0.0, growth), np.where(starving, 0.0, spare),
                      np.where(starving, growth, 0.0), np.where(starving, spare, 0.0),
                      np.where(starving, 0.0, growth_in), np.where(starving, 0.0, spare_in),
                      np.where(starving, growth_in, 0.0), np.where(starving, spare_in, 0.0)):
@@ -183,7 +192,9 @@ class Guard:
         new.blkio = np.where(changed["blkio"], new.blkio, cur.blkio)
 
         net = amount[:, NET]
-        netcap = np.where(caps[NET], np.maximum(net, c.net_min_kibs), np.nan)
+        # a cap throttles hogs; it never holds a VM below its entitlement
+        floor_net = c.net_min_kibs if entitlement is None else np.maximum(c.net_min_kibs, fillnan(entitlement[:, NET]))
+        netcap = np.where(caps[NET], np.maximum(net, floor_net), np.nan)
         new.netcap = np.where(np.isnan(net), cur.netcap, netcap)
         changed["netcap"] = _relative_change(new.netcap, cur.netcap, c.weight_deadband)
         new.netcap = np.where(changed["netcap"], new.netcap, cur.netcap)

@@ -34,11 +34,13 @@ class PredictorParams:
     alpha_down: float = 0.7  # smoothing when usage falls (slow down)
     pad_error: float = 0.0  # margin: this many times the smoothed recent under-prediction
     pad_std: float = 0.0  # margin: this many standard deviations of short-term variability
+    pad_frac: float = 0.0  # margin: this share of the estimate (a guest's free-memory reserve)
     pad_beta: float = 0.2  # smoothing of the error and variability trackers
     growth: float = 1.0  # multiplicative growth per period while the unmet signal is on
     threshold: float = 0.01  # unmet signal above this counts as "on"
     hold_last: float = 0.0  # 1 = never forecast below the latest observation (0 = plain EWMA)
     max_growth: float = 8.0  # the correction never multiplies the estimate by more than this
+    season: int = 0  # periods in a day (or week): never forecast below what was used one season ago, next period
 
     def check(self, where: str) -> None:
         for f in fields(self):
@@ -50,8 +52,10 @@ class PredictorParams:
         for name in ("alpha_up", "alpha_down", "pad_beta"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{where}.{name} = {getattr(self, name)}: must be in (0, 1]")
-        if self.pad_error < 0 or self.pad_std < 0:
+        if self.pad_error < 0 or self.pad_std < 0 or self.pad_frac < 0:
             raise ValueError(f"{where}: padding factors must be >= 0")
+        if not float(self.season).is_integer() or self.season < 0 or self.season > 100000:
+            raise ValueError(f"{where}.season = {self.season}: must be a whole number of periods, 0 = off")
         if self.max_growth < 1.0:
             raise ValueError(f"{where}.max_growth = {self.max_growth}: must be >= 1")
         if self.growth < 1.0:
@@ -95,8 +99,11 @@ class PaddedEWMA:
         col = lambda attr: np.array([getattr(self.params[r], attr) for r in RESOURCES], dtype=float)  # noqa: E731
         self._up, self._down = col("alpha_up"), col("alpha_down")
         self._pad_err, self._pad_std, self._beta = col("pad_error"), col("pad_std"), col("pad_beta")
+        self._pad_frac = col("pad_frac")
         self._growth, self._thr, self._hold = col("growth"), col("threshold"), col("hold_last")
         self._max_growth = col("max_growth")
+        self._season = int(max(p.season for p in self.params.values()))
+        self._seasonal = np.array([self.params[r].season > 0 for r in RESOURCES])
         self._key = f"predict.{name}."
 
     def predict(self, history: History) -> Forecast:
@@ -127,9 +134,23 @@ class PaddedEWMA:
         pad = np.maximum(self._pad_err * err, self._pad_std * np.sqrt(var))
         point = level.copy()
         held = level + self._hold * np.maximum(np.where(seen, x, level) - level, 0.0)
-        value = held * corr + pad
+        value = held * corr * (1.0 + self._pad_frac) + pad
+        if self._season:
+            value = self._seasonal_floor(history, x, value)
         prev_value[...] = value
         return Forecast(point=point, value=value)
+
+
+    def _seasonal_floor(self, history: History, x: np.ndarray, value: np.ndarray) -> np.ndarray:
+        """Business workloads repeat daily: what a VM used one season ago, next period, is a floor."""
+        ring = history.state(self._key + "season", shape=(self._season, N_RES))
+        t = history.t - 1
+        # one season before the period being forecast, give or take a period (samples drift)
+        near = ring[:, [(t + k) % self._season for k in (0, 1, 2)]]
+        ahead = np.where(np.isnan(near).all(axis=1), np.nan, np.nanmax(np.where(np.isnan(near), -np.inf, near), axis=1))
+        ring[:, t % self._season] = x
+        floor = np.where(self._seasonal & ~np.isnan(ahead), ahead * (1.0 + self._pad_frac), -np.inf)
+        return np.maximum(value, floor)
 
 
 def ewma(name: str = "ewma") -> PaddedEWMA:

@@ -129,7 +129,8 @@ def test_balloon_safety_properties(kit, n, seed, tight):
         starving = (sig > C.starving_signal) | (used >= C.starving_used * cur)
         # growth of a guest that is not starving is step-limited (no entitlement given to the guard)
         calm = ~starving
-        assert np.all(b[calm] <= np.maximum(cur[calm] + step[calm], floor[calm]) + tol)
+        grow_step = C.mem_grow_step_frac * size
+        assert np.all(b[calm] <= np.maximum(cur[calm] + grow_step[calm], floor[calm]) + tol)
         # a starving guest gets what it asked for (within floor and max), in one period
         ask = np.clip(np.where(np.isnan(want), cur, want), floor, size)
         grow_frac = getattr(C, "mem_grow_deadband_frac", C.mem_deadband_frac)
@@ -162,7 +163,7 @@ def test_shrink_limited_to_one_step_per_period(kit):
 def test_growth_of_calm_guest_is_step_limited(kit):
     alloc, obs, cap = setup(kit, [8000.0], [1000.0], [600.0], want=[4000.0])
     plan = Guard().plan(alloc, obs, cap)
-    assert plan.controls.balloon[0] == pytest.approx(1000.0 + C.mem_step_frac * 8000.0)
+    assert plan.controls.balloon[0] == pytest.approx(1000.0 + C.mem_grow_step_frac * 8000.0)
 
 
 def test_growth_of_starving_guest_by_signal_is_not_step_limited(kit):
