@@ -161,7 +161,7 @@ class DryRunHost:
             if kind == "pin" or not mask.any():
                 continue
             values = getattr(plan.controls, {"shares": "shares", "quota": "quota", "balloon": "balloon",
-                                             "blkio": "blkio", "netcap": "netcap"}[kind])
+                                             "blkio": "blkio", "diskcap": "diskcap", "netcap": "netcap"}[kind])
             for i in mask.nonzero()[0]:
                 self.console.print(f"dry-run (not applied): {names[i]} {kind} -> {values[i]:.6g}")
         if counts.get("pin"):

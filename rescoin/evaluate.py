@@ -22,7 +22,7 @@ BREACH_TOL = 1e-3  # relative slack before "less than min(demand, entitlement)" 
 #: ... plus an absolute one per resource, the resolution of the controls
 #: (cpu.shares are integers: 1/1024 of a core per share; balloons move in pages)
 BREACH_ABS = np.array([0.01, 4.0, 1.0, 1.0])
-ACTUATION_KINDS = {0: ("shares", "quota"), 1: ("balloon",), 2: ("blkio",), 3: ("netcap",)}
+ACTUATION_KINDS = {0: ("shares", "quota"), 1: ("balloon",), 2: ("blkio", "diskcap"), 3: ("netcap",)}
 METRICS = ("satisfaction", "violations", "worst_off", "fairness", "breaches",
            "actuations_per_vm_hour", "reclaimed", "under_error", "over_error")
 

@@ -125,24 +125,30 @@ class Guard:
                     entitled: np.ndarray, capacity: float, held: np.ndarray) -> np.ndarray:
         """Bring the sum of targets down to host memory, in order of harm.
 
-        First memory that only the dead-band kept in place, then what lies above each guest's entitlement, then what lies below it:
-        each time growth of guests that are not starving, then their spare
+        First memory that only the dead-band kept in place, then what lies
+        above each guest's entitlement, then what lies below it: each time growth of guests that are not starving, then their spare
         memory (faster than the step limit if a starving guest needs it), then
         the same of starving guests. Floors are never crossed.
         """
         # what is protected: the floor, and up to the entitlement what the guest is given
         keep = np.maximum(floor, np.minimum(target, entitled))
-        growth = np.maximum(target - np.maximum(cur, keep), 0.0)
-        spare = np.maximum(np.minimum(target, cur) - keep, 0.0)
-        growth_in = np.maximum(np.minimum(target, keep) - np.maximum(cur, floor), 0.0)
-        spare_in = np.maximum(np.minimum(np.minimum(target, cur), keep) - floor, 0.0)
-        for take in (held, np.where(starving, 0.0, growth), np.where(starving, 0.0, spare),
-                     np.where(starving, growth, 0.0), np.where(starving, spare, 0.0),
-                     np.where(starving, 0.0, growth_in), np.where(starving, 0.0, spare_in),
-                     np.where(starving, growth_in, 0.0), np.where(starving, spare_in, 0.0)):
+
+        def pieces(t: np.ndarray) -> list[np.ndarray]:
+            """What may be taken, most harmless first, from the targets as they stand now."""
+            growth = np.maximum(t - np.maximum(cur, keep), 0.0)
+            spare = np.maximum(np.minimum(t, cur) - keep, 0.0)
+            growth_in = np.maximum(np.minimum(t, keep) - np.maximum(cur, floor), 0.0)
+            spare_in = np.maximum(np.minimum(np.minimum(t, cur), keep) - floor, 0.0)
+            out = [np.minimum(held, np.maximum(t - floor, 0.0))]
+            for part in (growth, spare, growth_in, spare_in):
+                out += [np.where(starving, 0.0, part), np.where(starving, part, 0.0)]
+            return out
+
+        for stage in range(9):
             over = target.sum() - capacity
             if over <= 1e-6:
                 break
+            take = pieces(target)[stage]
             if take.sum() > 0:
                 target = target - take * min(1.0, over / take.sum())
         over = target.sum() - capacity
@@ -190,6 +196,13 @@ class Guard:
         new.blkio = np.where(np.isnan(blkio), cur.blkio, blkio)
         changed["blkio"] = ~np.isnan(blkio) & _relative_change(new.blkio, cur.blkio, c.weight_deadband)
         new.blkio = np.where(changed["blkio"], new.blkio, cur.blkio)
+
+        disk = amount[:, DISK]
+        floor_disk = 1.0 if entitlement is None else np.maximum(1.0, fillnan(entitlement[:, DISK]))
+        diskcap = np.where(caps[DISK], np.maximum(disk, floor_disk), np.nan)
+        new.diskcap = np.where(np.isnan(disk), cur.diskcap, diskcap)
+        changed["diskcap"] = _relative_change(new.diskcap, cur.diskcap, c.weight_deadband)
+        new.diskcap = np.where(changed["diskcap"], new.diskcap, cur.diskcap)
 
         net = amount[:, NET]
         # a cap throttles hogs; it never holds a VM below its entitlement

@@ -16,7 +16,7 @@ from .arrays import fillnan
 from .resources import N_RES, HostCapacity
 
 #: actuation kinds, in the order the guard reports them
-ACTION_KINDS = ("shares", "quota", "balloon", "blkio", "netcap", "pin")
+ACTION_KINDS = ("shares", "quota", "balloon", "blkio", "diskcap", "netcap", "pin")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,11 @@ class Controls:
     netcap: np.ndarray  # (n,) interface cap KiB/s, NaN = uncapped
     pins: np.ndarray  # (m,) pCPU set of each vCPU (VMSet.vcpu_owner order), -1 = floating
     pin_width: int = 1  # pCPUs per set: set k is pCPUs k*width .. (k+1)*width - 1
+    diskcap: np.ndarray | None = None  # (n,) disk throughput cap KiB/s (setBlockIoTune), NaN = uncapped
+
+    def __post_init__(self) -> None:
+        if self.diskcap is None:
+            self.diskcap = np.full(self.shares.shape, np.nan)
 
     @staticmethod
     def defaults(vms: VMSet) -> "Controls":
@@ -85,7 +90,7 @@ class Controls:
 
     def copy(self) -> "Controls":
         return Controls(self.shares.copy(), self.quota.copy(), self.balloon.copy(), self.blkio.copy(),
-                        self.netcap.copy(), self.pins.copy(), self.pin_width)
+                        self.netcap.copy(), self.pins.copy(), self.pin_width, self.diskcap.copy())
 
 
 @dataclass

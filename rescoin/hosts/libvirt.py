@@ -23,6 +23,7 @@ import numpy as np
 from ..loop import HostUnavailableError
 from ..model import Controls, Observation, Plan, VMSet
 from ..resources import CPU, DISK, MEMORY, N_RES, NET, HostCapacity
+from .actuators import Actuator, LibvirtActuator
 from .base import ApplyResult
 
 log = logging.getLogger("rescoin.libvirt")
@@ -52,6 +53,7 @@ class HostSettings:
     disk_kibs: float = 204800.0  # disk bandwidth shared by blkio weights (KiB/s)
     net_kibs: float = 125000.0  # link bandwidth shared by caps (KiB/s)
     stats_period: int = 2  # balloon stats period set on each VM (s)
+    memtune_soft_limit: bool = False  # also set memtune soft_limit to each balloon target
 
 
 @dataclass
@@ -127,6 +129,10 @@ class Libvirt:
         self.calls[what] += 1
         try:
             return True, fn(*args)
+        except OSError as e:  # a cgroup file the kernel refused, or a VM's cgroup that vanished
+            self.errors[what] += 1
+            log.warning("%s on VM %s failed: %s", what, vm, e)
+            return False, default
         except lv.libvirtError as e:
             code = e.get_error_code()
             self.errors[what] += 1
@@ -161,8 +167,10 @@ def _first_set(cpumap: tuple[bool, ...]) -> tuple[int, int]:
 
 class LibvirtHost:
     def __init__(self, uri: str = "qemu:///system", settings: HostSettings | None = None,
-                 agents=None, managed: Callable[[str, str], bool] | None = None) -> None:
+                 agents=None, managed: Callable[[str, str], bool] | None = None,
+                 actuator: Actuator | None = None) -> None:
         self.lv = Libvirt(uri)
+        self.actuator = actuator or LibvirtActuator()
         self.settings = settings or HostSettings()
         self.agents = agents  # rescoin.agent.AgentClient or None
         self.managed = managed or (lambda uuid, name: True)
@@ -269,6 +277,7 @@ class LibvirtHost:
         state.controls = {"shares": float(st["shares"]) if st["shares"] is not None else np.nan,
                           "quota": np.nan, "balloon": st["balloon"],
                           "blkio": float(st["blkio"]) if st["blkio"] else np.nan, "netcap": np.nan,
+                          "diskcap": np.nan,
                           "pins": [(_first_set(tuple(p))[0]) for p in pins] or [-1] * state.vcpus,
                           "pin_width": pin0[1]}
         if self.settings.stats_period:
@@ -395,6 +404,7 @@ class LibvirtHost:
             balloon=np.array([r.controls["balloon"] for r in rows], dtype=float).reshape(n),
             blkio=np.array([r.controls["blkio"] for r in rows], dtype=float).reshape(n),
             netcap=np.array([r.controls["netcap"] for r in rows], dtype=float).reshape(n),
+            diskcap=np.array([r.controls["diskcap"] for r in rows], dtype=float).reshape(n),
             pins=np.array([p for r in rows for p in (r.controls["pins"] + [-1] * r.vcpus)[: r.vcpus]], dtype=np.intp),
             pin_width=int(rows[0].controls.get("pin_width", 1)) if rows else 1,
         )
@@ -415,28 +425,30 @@ class LibvirtHost:
             state.last_actions = []
             todo: list[tuple[str, str, Callable, tuple, Callable[[], None]]] = []
             if plan.changed["shares"][i] or plan.changed["quota"][i]:
-                params: dict[str, int] = {}
-                if plan.changed["shares"][i] and state.sched_key:
-                    params[state.sched_key] = int(c.shares[i])
-                if plan.changed["quota"][i] and state.sched_key == "cpu_shares":
-                    q = c.quota[i]
-                    params["vcpu_period"] = 100000
-                    params["vcpu_quota"] = int(q / max(state.vcpus, 1) * 100000) if np.isfinite(q) else -1
-                if params:
-                    kind = "shares" if plan.changed["shares"][i] else "quota"
-                    fn = dom.setSchedulerParametersFlags if state.sched_key == "cpu_shares" else None
-                    args = (params, live) if fn else (params,)
-                    todo.append((kind, "setSchedulerParameters", fn or dom.setSchedulerParameters, args,
-                                 lambda p=params, s=state, i=i: s.controls.update(
-                                     shares=float(c.shares[i]), quota=float(c.quota[i]))))
+                shares = int(c.shares[i]) if plan.changed["shares"][i] else None
+                quota = float(c.quota[i]) if plan.changed["quota"][i] else None
+                kind = "shares" if shares is not None else "quota"
+                todo.append((kind, *self.actuator.cpu(state, dom, shares, quota),
+                             lambda s=state, i=i: s.controls.update(shares=float(c.shares[i]),
+                                                                    quota=float(c.quota[i]))))
             if plan.changed["balloon"][i]:
                 kib = int(round(c.balloon[i] * 1024))
                 todo.append(("balloon", "setMemoryFlags", dom.setMemoryFlags, (kib, live),
                              lambda s=state, v=float(c.balloon[i]): s.controls.update(balloon=v)))
+                if self.settings.memtune_soft_limit:  # the host reclaims above the target first
+                    todo.append(("balloon", "setMemoryParameters", dom.setMemoryParameters,
+                                 ({"soft_limit": kib}, live), lambda: None))
             if plan.changed["blkio"][i]:
                 w = int(c.blkio[i])
-                todo.append(("blkio", "setBlkioParameters", dom.setBlkioParameters, ({"weight": w}, live),
+                todo.append(("blkio", *self.actuator.blkio(state, dom, w),
                              lambda s=state, v=float(w): s.controls.update(blkio=v)))
+            if plan.changed["diskcap"][i]:
+                cap = c.diskcap[i]
+                bps = int(cap * 1024) if np.isfinite(cap) else 0  # 0 removes the cap
+                for dev in state.disks:
+                    todo.append(("diskcap", "setBlockIoTune", dom.setBlockIoTune,
+                                 (dev, {"total_bytes_sec": bps, "total_bytes_sec_max": bps}, live),
+                                 lambda s=state, v=float(cap): s.controls.update(diskcap=v)))
             if plan.changed["netcap"][i]:
                 cap = c.netcap[i]
                 kib = int(cap) if np.isfinite(cap) else 0  # 0 removes the cap
@@ -455,7 +467,7 @@ class LibvirtHost:
                     s.controls["pins"][v] = g
                     s.controls["pin_width"] = w
 
-                todo.append(("pin", "pinVcpuFlags", dom.pinVcpuFlags, (int(v), cmap, live), pinned))
+                todo.append(("pin", *self.actuator.pin(state, dom, int(v), cmap), pinned))
             for kind, call, fn, args, done in todo:
                 ok, _ = self.lv.call(call, state.name, fn, *args)
                 bucket = result.applied if ok else result.failed

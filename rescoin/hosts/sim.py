@@ -116,7 +116,7 @@ class SimHost:
         if rows.size == 0:
             return
         fresh = Controls.defaults(self.all_vms)
-        for name in ("shares", "quota", "balloon", "blkio", "netcap"):
+        for name in ("shares", "quota", "balloon", "blkio", "diskcap", "netcap"):
             getattr(self.controls, name)[rows] = getattr(fresh, name)[rows]
         counts = self.all_vms.vcpus[rows]
         for r, c in zip(self._vstart[rows], counts):
@@ -128,7 +128,7 @@ class SimHost:
         if rows.size == self.all_vms.n:
             return c  # the guard copies before it changes anything
         return Controls(c.shares[rows], c.quota[rows], c.balloon[rows], c.blkio[rows], c.netcap[rows],
-                        c.pins[vidx], c.pin_width)
+                        c.pins[vidx], c.pin_width, c.diskcap[rows])
 
     # -- granting -----------------------------------------------------------------
     def grant(self, demand: np.ndarray, vms: VMSet, ctl: Controls) -> np.ndarray:
@@ -154,7 +154,7 @@ class SimHost:
         target = np.where(np.isnan(ctl.balloon), size_mem, ctl.balloon)
         rest_d = np.column_stack([
             np.minimum(d[:, MEMORY], target),
-            d[:, 2],
+            np.minimum(d[:, 2], fillnan(ctl.diskcap, np.inf)),
             np.minimum(d[:, 3], fillnan(ctl.netcap, np.inf)),
         ])
         rest_w = np.column_stack([np.maximum(target, 1.0), ctl.blkio, np.ones(vms.n)])
@@ -198,7 +198,7 @@ class SimHost:
         if rows.size == self.all_vms.n:
             self.controls = new.copy()  # a Step handed out keeps its own plan
         else:
-            for name in ("shares", "quota", "balloon", "blkio", "netcap"):
+            for name in ("shares", "quota", "balloon", "blkio", "diskcap", "netcap"):
                 getattr(c, name)[rows] = getattr(new, name)
             c.pins[vidx] = new.pins
             c.pin_width = new.pin_width

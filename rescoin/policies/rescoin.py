@@ -15,7 +15,7 @@ import numpy as np
 from ..arrays import fillnan
 
 from ..model import Allocation
-from ..resources import N_RES, NET
+from ..resources import DISK, N_RES, NET
 from ..sharing import water_fill_columns
 from .base import PolicyInput, finish, fit_to_capacity, managed, top_up
 
@@ -45,6 +45,7 @@ class RescoinPolicy:
     window: int = 10  # k: credit window in periods
     norm: float = 1.0  # how resources combine into one credit
     keep_entitled: float = 1.0  # what is left goes first toward this share of each VM's entitlement
+    cap_disk: bool = False  # optionally cap disk throughput too (setBlockIoTune), under contention
     cap_net: bool = True  # net is scheduled as a capped resource ...
     cap_above: float = 0.8  # ... once forecast net demand passes this share of the link
 
@@ -65,6 +66,7 @@ class RescoinPolicy:
         caps = np.zeros(N_RES, dtype=bool)
         # caps only bind under contention: an idle link is no reason to throttle a burst
         caps[NET] = self.cap_net and est[:, NET].sum() > self.cap_above * fillnan(cap, 0.0)[NET]
+        caps[DISK] = self.cap_disk and est[:, DISK].sum() > self.cap_above * fillnan(cap, 0.0)[DISK]
         caps &= managed(cap)
         return finish(alloc, cap, caps)
 

@@ -164,3 +164,23 @@ def test_dry_run_host_applies_nothing(host, capsys):
     assert dom.blkioParameters()["weight"] == 0  # the test driver's default, untouched
     assert all(all(p) for p in dom.vcpuPinInfo(0))  # no pins applied
     assert "dry-run" in capsys.readouterr().out
+
+
+def test_disk_cap_and_memtune_soft_limit_reach_libvirt():
+    from rescoin.model import Allocation as A
+
+    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0, memtune_soft_limit=True))
+    obs = h.observe()
+    alloc = np.full((1, 4), np.nan)
+    alloc[0, 1] = 2600.0
+    alloc[0, 2] = 3000.0  # KiB/s
+    caps = np.array([False, False, True, False])
+    ent = np.zeros((1, 4))
+    plan = Guard().plan(A(alloc, caps=caps), obs, obs.host.capacity, ent)
+    assert plan.changed["diskcap"][0] and plan.changed["balloon"][0]
+    res = h.apply(plan)
+    assert res.failed == {}, res.errors
+    dom = h.lv.connect().lookupByName("test")
+    assert dom.blockIoTune("vda", 0)["total_bytes_sec"] == 3000 * 1024
+    assert dom.memoryParameters(0)["soft_limit"] == int(round(plan.controls.balloon[0] * 1024))
+    h.close()

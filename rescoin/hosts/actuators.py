@@ -1,0 +1,58 @@
+"""How CPU, blkio and pinning actions reach a VM: through libvirt, or its cgroups directly.
+
+An actuator only says which call to make; ``LibvirtHost.apply`` runs every
+call through its one error helper and records the result. Balloon targets
+and interface caps are guest/device operations and always go through libvirt.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Protocol
+
+Call = tuple[str, Callable[..., Any], tuple]  # (name for logs and counters, function, arguments)
+
+QUOTA_PERIOD_US = 100000
+
+
+def quota_us(cores: float, vcpus: int) -> int:
+    """Per-vCPU CFS quota for a cap of ``cores`` (libvirt's vcpu_quota applies per vCPU); -1 = no cap."""
+    if not math.isfinite(cores):
+        return -1
+    return max(1000, int(cores / max(vcpus, 1) * QUOTA_PERIOD_US))
+
+
+class Actuator(Protocol):
+    name: str
+
+    def cpu(self, state, dom, shares: int | None, quota: float | None) -> Call:
+        """``shares`` None = unchanged; ``quota`` None = unchanged, NaN = remove the cap, else cores."""
+
+    def blkio(self, state, dom, weight: int) -> Call: ...
+
+    def pin(self, state, dom, vcpu: int, cpumap: tuple[bool, ...]) -> Call: ...
+
+
+class LibvirtActuator:
+    """Through libvirt's API: works on any driver, survives libvirt's own bookkeeping."""
+
+    name = "libvirt"
+
+    def __init__(self, flags: int = 0) -> None:
+        self.flags = flags  # VIR_DOMAIN_AFFECT_CURRENT: the running VM, on every driver
+
+    def cpu(self, state, dom, shares: int | None, quota: float | None) -> Call:
+        params: dict[str, int] = {}
+        if shares is not None and state.sched_key:
+            params[state.sched_key] = int(shares)
+        if quota is not None and state.sched_key == "cpu_shares":
+            params["vcpu_period"] = QUOTA_PERIOD_US
+            params["vcpu_quota"] = quota_us(quota, state.vcpus)
+        if state.sched_key == "cpu_shares":
+            return "setSchedulerParameters", dom.setSchedulerParametersFlags, (params, self.flags)
+        return "setSchedulerParameters", dom.setSchedulerParameters, (params,)
+
+    def blkio(self, state, dom, weight: int) -> Call:
+        return "setBlkioParameters", dom.setBlkioParameters, ({"weight": int(weight)}, self.flags)
+
+    def pin(self, state, dom, vcpu: int, cpumap: tuple[bool, ...]) -> Call:
+        return "pinVcpuFlags", dom.pinVcpuFlags, (int(vcpu), cpumap, self.flags)
