@@ -133,13 +133,32 @@ def test_growing_guest_gets_memory_and_idle_guest_is_reclaimed(conn, vms, daemon
     low = [balloon_mib(conn, grower)]
     total = [(agent(grower) or {}).get("mem", {}).get("total_kib", 0) / 1024]
 
+    starved_at: list[float] = []
+    grew_at: list[float] = []
+
     def grown():
         b = balloon_mib(conn, grower)
-        t = (agent(grower) or {}).get("mem", {}).get("total_kib", 0) / 1024
+        rep = agent(grower) or {}
+        mem = rep.get("mem", {})
+        t = mem.get("total_kib", 0) / 1024
+        psi = rep.get("psi", {}).get("memory", {}).get("some_avg10", 0.0)
+        # starving as the daemon sees it: used at 95% of what the guest has, or memory pressure
+        if t and not starved_at and (mem.get("available_kib", t * 1024) <= 0.05 * mem["total_kib"] or psi > 1.0):
+            starved_at.append(time.monotonic())
+        if not grew_at and b > low[0] + 8:
+            grew_at.append(time.monotonic())
         low[0], total[0] = min(low[0], b), min(total[0], t) if t else total[0]
         return b > low[0] + 32 and t > total[0] + 16
 
-    wait_for("balloon up and the guest's own MemTotal up (agent) for the growing guest", grown, timeout=150)
+    wait_for("balloon up and the guest's own MemTotal up (agent) for the growing guest", grown, timeout=150, every=0.5)
+    assert grew_at, "the balloon never grew"
+    if not starved_at or grew_at[0] <= starved_at[0]:
+        print("\nstarving to balloon growth: the balloon grew before the guest starved (forecast)")
+    else:
+        periods = (grew_at[0] - starved_at[0]) / PERIOD
+        print(f"\nstarving to balloon growth: {periods:.2f} periods ({grew_at[0] - starved_at[0]:.1f} s)")
+        # two periods, plus the time one agent query and one libvirt read take here
+        assert periods <= 2.0 + 1.5 / PERIOD, f"balloon grew {periods:.1f} periods after the guest starved"
     for n in vms:
         assert balloon_mib(conn, n) >= 256 - 1, f"{n} below the 256 MiB floor"
     assert balloon_mib(conn, idle) < 480

@@ -380,3 +380,25 @@ def test_daemon_stops_at_end_of_replay(kit):
     seen = []
     assert run_daemon(loop, 300.0, threading.Event(), on_step=seen.append, speed=0) == 3
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize("jump_to", [6000.0, 8000.0])  # above the 5461 MiB entitlement
+def test_starving_guest_balloon_grows_within_two_periods(kit, jump_to):
+    """A memory jump the forecast could not see: the guest starves in one period, is fed by the next."""
+    periods, n = 40, 4
+    demand = np.full((periods, n, N_RES), np.nan)
+    demand[:, :, CPU] = 0.2
+    demand[:, :, MEMORY] = 600.0
+    demand[25:, 0, MEMORY] = jump_to  # VM 0's memory jumps at period 25
+    sizes = np.tile([2.0, 8192.0, np.nan, np.nan], (n, 1))
+    loop = build_loop(kit.trace(demand, sizes), "rescoin", SimSettings(overcommit=1.5))
+    starved_at = fed_at = None
+    for step in loop.steps():
+        t = loop.history.t - 1
+        granted, want = step.obs.usage[0, MEMORY], step.obs.truth[0, MEMORY]
+        if starved_at is None and granted < want - 1:
+            starved_at = t
+        if starved_at is not None and fed_at is None and granted >= want - 1:
+            fed_at = t
+    assert starved_at == 25, "the jump is unforeseeable: the guest starves when it happens"
+    assert fed_at is not None and fed_at - starved_at <= 2, (starved_at, fed_at)
