@@ -100,37 +100,109 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 # -- run ----------------------------------------------------------------------------------
-def _open_host(uri: str, args: argparse.Namespace, console: Console):
-    if uri.startswith("sim:"):
-        from .hosts.sim import SimHost
+def _run_config(args: argparse.Namespace):
+    """The configuration file, with the options given on the command line on top."""
+    from .config import ConfigError, load
 
-        trace = _load(uri[4:] or str(_sample()), args.vms, args.days, args.start_day, 0, console)
-        return SimHost(trace, overcommit=args.overcommit), float(trace.period)
-    from .agent import AgentClient
-    from .hosts.libvirt import HostUnavailable, LibvirtHost
-
-    from fnmatch import fnmatch
-
-    from .hosts.libvirt import HostSettings
-
-    settings = HostSettings()
-    if args.disk_kibs:
-        settings.disk_kibs = args.disk_kibs
-    if args.net_kibs:
-        settings.net_kibs = args.net_kibs
-    if args.host_memory:
-        settings.reserve_mib = 0.0
-    pattern = args.vm_filter
-    host = LibvirtHost(uri, settings=settings, agents=AgentClient(timeout=args.agent_timeout),
-                       managed=(lambda _uuid, name: fnmatch(name, pattern)) if pattern else None)
-    if args.host_memory:
-        host.memory_limit_mib = args.host_memory
     try:
-        host.capacity  # connect now: a wrong URI is reported before the daemon starts
-    except HostUnavailable as e:
+        return _overrides(load(args.config), args)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def _overrides(cfg, args: argparse.Namespace):
+    """Command-line options win over the file, at start and at every reload."""
+    from dataclasses import replace
+
+    d, h, a = cfg.daemon, cfg.host, cfg.agent
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    d = replace(d, uri=pick(args.uri, d.uri), policy=pick(args.policy, d.policy), model=pick(args.model, d.model),
+                period=pick(args.period, d.period), history_dir=pick(args.history, d.history_dir),
+                state_file=pick(args.state, d.state_file), status_socket=pick(args.status_socket, d.status_socket),
+                dry_run=d.dry_run or args.dry_run, restore_on_exit=d.restore_on_exit or args.restore_on_exit,
+                vm_filter=pick(args.vm_filter, d.vm_filter))
+    h = replace(h, memory_mib=pick(args.host_memory, h.memory_mib), disk_kibs=pick(args.disk_kibs, h.disk_kibs),
+                net_kibs=pick(args.net_kibs, h.net_kibs), actuator=pick(args.actuator, h.actuator))
+    if args.host_memory:
+        h = replace(h, reserve_mib=0.0)
+    if d.uri.startswith("sim:"):  # a simulation keeps no state and serves no status unless asked to
+        d = replace(d, state_file=args.state or "", status_socket=args.status_socket or "",
+                    history_dir=args.history or "")
+    a = replace(a, timeout=pick(args.agent_timeout, a.timeout))
+    m = replace(cfg.metrics, enabled=cfg.metrics.enabled or args.metrics is not None,
+                listen=pick(args.metrics, cfg.metrics.listen))
+    return replace(cfg, daemon=d, host=h, agent=a, metrics=m)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .daemon import Daemon
+    from .loop import HostUnavailableError
+    from .traces import TraceError
+
+    cfg = _run_config(args)
+    console = Console(stderr=True)
+    sim = {"vms": args.vms, "days": args.days, "start_day": args.start_day, "overcommit": args.overcommit}
+    try:
+        daemon = Daemon(cfg, config_path=args.config, sim=sim, overrides=lambda c: _overrides(c, args), speed=args.speed if cfg.daemon.uri.startswith("sim:")
+                        else 1.0, dry_run_host=(lambda h: DryRunHost(h, console)) if cfg.daemon.dry_run else None)
+        daemon.host.capacity  # connect now: a wrong URI is reported before the daemon starts
+    except (ConfigError, TraceError, ValueError) as e:
+        raise UserError(str(e)) from None
+    except HostUnavailableError as e:
         raise UserError(f"{e} (is libvirtd running? try scripts/setup-host)") from None
-    host.start_events()
-    return host, 300.0
+    except PermissionError as e:
+        raise UserError(f"{e.filename}: permission denied (run as root, or set other paths in the config)") from None
+    daemon.install_signals()
+    return daemon.run(max_periods=args.max_periods)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import ConfigError, default_text, load
+
+    if args.action == "default":
+        sys.stdout.write(default_text())
+        return 0
+    try:
+        cfg = load(args.path)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    print(f"{args.path}: valid ({len(cfg.vm)} per-VM entries; policy {cfg.daemon.policy}, "
+          f"period {cfg.daemon.period:.0f} s, uri {cfg.daemon.uri})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import query, render
+
+    console = Console()
+    path = args.socket
+
+    def fetch() -> dict:
+        try:
+            return query(path)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no status socket; is the daemon running? (scripts/start-scheduler status)") from None
+        except PermissionError:
+            raise UserError(f"{path}: permission denied; `rescoin status` needs root") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: no answer from the daemon ({e})") from None
+
+    if args.json:
+        print(json.dumps(fetch(), indent=1))
+        return 0
+    if not args.watch:
+        console.print(render(fetch()))
+        return 0
+    from rich.live import Live
+
+    with Live(render(fetch()), console=console, refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(args.interval)
+                live.update(render(fetch()))
+        except KeyboardInterrupt:
+            return 0
 
 
 def _sample() -> Path:
@@ -148,6 +220,10 @@ class DryRunHost:
     @property
     def capacity(self):
         return self.host.capacity
+
+    def start_events(self) -> None:
+        if hasattr(self.host, "start_events"):
+            self.host.start_events()
 
     def observe(self):
         return self.host.observe()
@@ -167,50 +243,6 @@ class DryRunHost:
         if counts.get("pin"):
             self.console.print(f"dry-run (not applied): {counts['pin']} vCPU pin changes")
         return ApplyResult(applied={k: 0 for k in counts})
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from .historycsv import HistoryWriter
-    from .loop import ControlLoop, run_daemon
-    from .policies import make_policy
-    from .predict import load_model
-
-    console = Console(stderr=True)
-    try:
-        policy = make_policy(args.policy)
-        predictor = load_model(args.model) if args.model else "auto"
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    host, trace_period = _open_host(args.uri, args, console)
-    if args.dry_run:
-        host = DryRunHost(host, console)
-    period = args.period or trace_period
-    loop = ControlLoop(host, policy, predictor=predictor, period=period)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    writer = HistoryWriter(args.history, host.capacity.name) if args.history else None
-    steps = 0
-
-    def on_step(step) -> None:
-        nonlocal steps
-        steps += 1
-        if writer is not None:
-            writer.write(step, loop.history)
-        log.info("period %d: %d VMs, %d actions, %.1f ms", loop.history.t, step.obs.n,
-                 step.result.total, step.seconds * 1e3)
-
-    log.info("rescoin %s: policy %s on %s, period %.0f s", __version__, policy.name, args.uri, period)
-    speed = args.speed if args.uri.startswith("sim:") else 1.0
-    try:
-        run_daemon(loop, period, stop, on_step, speed=speed, max_steps=args.max_periods)
-    finally:
-        if writer is not None:
-            writer.close()
-        if args.restore_on_exit and hasattr(host, "restore"):
-            log.info("restored the original settings of %d VMs", host.restore())
-    log.info("stopped after %d periods", steps)
-    return 0
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -275,13 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simulate)
 
     r = sub.add_parser("run", help="run the scheduler daemon",
-                       description="Run the control loop every period until SIGTERM/SIGINT.")
-    r.add_argument("--uri", default="qemu:///system", help="hypervisor URI, or sim:TRACE_DIR for a simulated host")
-    r.add_argument("--policy", default="rescoin", choices=list(POLICIES))
-    r.add_argument("--model", default=None, help="predictor model TOML")
-    r.add_argument("--period", type=_positive(float), default=None, help="seconds between steps (default: 300 for sim)")
+                       description="Run the control loop every period until SIGTERM/SIGINT; SIGHUP reloads the "
+                                   "configuration. Options given here override the configuration file.")
+    r.add_argument("--config", default=None, metavar="PATH", help="TOML configuration (default /etc/rescoin/rescoin.toml)")
+    r.add_argument("--uri", default=None, help="hypervisor URI (default qemu:///system), or sim:TRACE_DIR")
+    r.add_argument("--policy", default=None, choices=[p for p in POLICIES if p != "oracle"])
+    r.add_argument("--model", default=None, help="predictor model TOML (default models/default.toml)")
+    r.add_argument("--period", type=_positive(float), default=None, help="seconds between steps (default 300)")
     r.add_argument("--speed", type=_nonneg, default=1.0, help="time compression for sim hosts (0 = as fast as possible)")
-    r.add_argument("--history", default=None, metavar="DIR", help="write history CSV files here")
+    r.add_argument("--history", default=None, metavar="DIR", help="write history CSV files here ('' = none)")
+    r.add_argument("--state", default=None, metavar="FILE", help="daemon state file, saved each period ('' = none)")
+    r.add_argument("--status-socket", default=None, metavar="PATH", help="UNIX socket for `rescoin status`")
+    r.add_argument("--metrics", default=None, metavar="ADDR:PORT", help="serve Prometheus metrics here")
     r.add_argument("--dry-run", action="store_true", help="plan and print actions, apply nothing")
     r.add_argument("--max-periods", type=_positive(int), default=None, help="stop after this many periods")
     r.add_argument("--restore-on-exit", action="store_true",
@@ -293,10 +330,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disk bandwidth shared by blkio weights (default 204800)")
     r.add_argument("--net-kibs", type=_positive(float), default=None, metavar="KiB/s",
                    help="link bandwidth shared by interface caps (default 125000)")
-    r.add_argument("--agent-timeout", type=_positive(float), default=1.0,
+    r.add_argument("--actuator", choices=("libvirt", "cgroup"), default=None,
+                   help="apply CPU, blkio and pins through libvirt (default) or the VMs' cgroups directly")
+    r.add_argument("--agent-timeout", type=_positive(float), default=None,
                    help="seconds to wait for all guest agents together (default 1)")
     _trace_args(r)
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("config", help="print a commented default configuration, or check one",
+                       description="`rescoin config default` prints every option with its default and unit; "
+                                   "`rescoin config check PATH` validates a file.")
+    csub = c.add_subparsers(dest="action", metavar="ACTION")
+    csub.required = True
+    csub.add_parser("default", help="print a complete, commented default file")
+    chk = csub.add_parser("check", help="validate a configuration file")
+    chk.add_argument("path")
+    c.set_defaults(func=cmd_config)
+
+    st = sub.add_parser("status", help="what the running daemon sees and does (root)",
+                        description="Reads the daemon's status socket: per VM usage, forecast, allocation, credit, "
+                                    "last actions and agent health; host capacity, reserve and contention.")
+    st.add_argument("--socket", default="/run/rescoin/status.sock")
+    st.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=_positive(float), default=2.0)
+    st.set_defaults(func=cmd_status)
 
     d = sub.add_parser("demo", help="the control loop on a simulated host replaying a real trace sample",
                        description="Replays the shipped Bitbrains sample with a live view, writes history CSV, "

@@ -240,13 +240,13 @@ class CgroupActuator:
         except FileNotFoundError:
             return None
         where = _parse_proc_cgroup(text)
-        wanted = ("",) if self.version == 2 else V1_CONTROLLERS
         top, vcpus = {}, {}
-        for c in wanted:
+        for c in ("",) if self.version == 2 else V1_CONTROLLERS:
             path = where.get(c)
-            if path is None or not any(_is_vm_dir(p) for p in path.split("/")):
-                return None  # a stale pid file: that pid is some other process now
-            top[c], vcpus[c] = _split_vm_path(path)
+            if path is not None and any(_is_vm_dir(p) for p in path.split("/")):
+                top[c], vcpus[c] = _split_vm_path(path)
+        if ("" if self.version == 2 else "cpu") not in top:
+            return None  # a stale pid file: that pid is some other process now
         return VMCgroups(pid, self.version, top, vcpus)
 
     def _from_scan(self, name: str, dom) -> VMCgroups | None:
@@ -280,7 +280,10 @@ class CgroupActuator:
     # -- paths and nodes --------------------------------------------------------------------------
     def _dir(self, g: VMCgroups, controller: str, where: str = "top", vcpu: int | None = None) -> Path:
         key = "" if g.version == 2 else controller
-        rel = (g.top if where == "top" else g.vcpus)[key].lstrip("/")
+        groups = g.top if where == "top" else g.vcpus
+        if key not in groups:  # libvirt does not manage this controller (qemu.conf cgroup_controllers)
+            raise OSError(errno.EOPNOTSUPP, f"the VM has no {controller} cgroup of its own")
+        rel = groups[key].lstrip("/")
         base = self.root if g.version == 2 else self.root / controller
         path = base / rel if rel else base
         return path / f"vcpu{vcpu}" if vcpu is not None else path
@@ -320,15 +323,19 @@ class CgroupActuator:
             d = self._dir(g, "io")
             if (d / "io.bfq.weight").exists():
                 _write(d / "io.bfq.weight", str(weight))
-            else:
+            elif (d / "io.weight").exists():
                 _write(d / "io.weight", f"default {weight}")
+            else:
+                _no_weight(d, "io.bfq.weight nor io.weight")
             return
-        node = self._node(g, "blkio")
         d = self._dir(g, "blkio")
+        ctl = self._node(g, "blkio").controller
         if (d / "blkio.bfq.weight").exists():
-            _io(lambda: node.controller.set_property(b"blkio.bfq.weight", weight))
+            _io(lambda: ctl.set_property(b"blkio.bfq.weight", weight))  # cgroupspy has no attribute for it
+        elif (d / "blkio.weight").exists():
+            _io(lambda: setattr(ctl, "weight", weight))
         else:
-            _io(lambda: setattr(node.controller, "weight", weight))
+            _no_weight(d, "blkio.bfq.weight nor blkio.weight")
 
     def _write_pin(self, g: VMCgroups, vcpu: int, cpus: str) -> None:
         if not cpus:
@@ -370,19 +377,32 @@ class CgroupActuator:
             q = _io(lambda: ctl.cfs_quota_us)  # cgroupspy reads -1 as None
             out["quota"].append(-1 if q is None else q)
             out["period"].append(_io(lambda: ctl.cfs_period_us))
-        blk = self._dir(g, "blkio")
-        blk_file = next((blk / f for f in ("blkio.bfq.weight", "blkio.weight") if (blk / f).exists()), None)
-        out["blkio"] = int(_read(blk_file).split()[-1]) if blk_file else None
+        out["blkio"] = None  # also when libvirt manages no blkio cgroup for the VM
+        if "blkio" in g.top:
+            blk = self._dir(g, "blkio")
+            blk_file = next((blk / f for f in ("blkio.bfq.weight", "blkio.weight") if (blk / f).exists()), None)
+            out["blkio"] = int(_read(blk_file).split()[-1]) if blk_file else None
         out["cpuset"] = [_io(lambda: self._node(g, "cpuset", "vcpus", v).controller.get_property(b"cpuset.cpus"))
                          for v in vcpus]
-        out["paths"] = {c: str(self._dir(g, c)) for c in V1_CONTROLLERS}
+        out["paths"] = {c: str(self._dir(g, c)) for c in V1_CONTROLLERS if c in g.top}
         out["paths"]["vcpus"] = str(self._dir(g, "cpu", "vcpus"))
         return out
 
 
 def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    """Write an existing cgroup file (never create one: a missing file is ENOENT, as on cgroupfs)."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)  # O_TRUNC: what `echo N >` does; kernfs ignores it
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _no_weight(d: Path, which: str) -> None:
+    if not d.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such cgroup", str(d))
+    # libvirt says the same: "blkio weight is valid only for bfq or cfq scheduler"
+    raise OSError(errno.EOPNOTSUPP, f"no {which} in {d}: the disks' I/O scheduler is neither BFQ nor CFQ")
 
 
 def _read(path: Path) -> str:

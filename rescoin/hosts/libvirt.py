@@ -168,8 +168,11 @@ def _first_set(cpumap: tuple[bool, ...]) -> tuple[int, int]:
 class LibvirtHost:
     def __init__(self, uri: str = "qemu:///system", settings: HostSettings | None = None,
                  agents=None, managed: Callable[[str, str], bool] | None = None,
-                 actuator: Actuator | None = None) -> None:
+                 actuator: Actuator | None = None, vm_config: Callable[[str, str], Any] | None = None) -> None:
         self.lv = Libvirt(uri)
+        self.vm_config = vm_config  # (uuid, name) -> config.VMConfig: weight, memory bounds, exclude
+        self.saved_originals: dict[str, dict] = {}  # from a previous run's state file, by UUID
+        self.tcp_agents: dict[str, str] = {}  # VM name -> "host:port" of a TCP agent (else the virtio channel)
         self.actuator = actuator or LibvirtActuator()
         self.settings = settings or HostSettings()
         self.agents = agents  # rescoin.agent.AgentClient or None
@@ -263,16 +266,18 @@ class LibvirtHost:
                     and target.get("name") == "org.rescoin.agent.0"):
                 agent = "unix:" + source.get("path", "")
         min_kib = root.findtext("memtune/min_guarantee")
+        found = {"shares": sched.get(key), "quota": sched.get("vcpu_quota"), "balloon": info[2] / 1024.0,
+                 "blkio": blkio.get("weight"), "pins": [tuple(p) for p in pins]}
         state = VMState(
             uuid=uuid, name=name, vcpus=max(vcpus, 1), max_mib=info[1] / 1024.0,
             min_mib=float(min_kib) / 1024.0 if min_kib else 0.0, first_seen=self.t, sched_key=key,
-            original={"shares": sched.get(key), "quota": sched.get("vcpu_quota"), "balloon": info[2] / 1024.0,
-                      "blkio": blkio.get("weight"), "pins": [tuple(p) for p in pins]},
+            # after a restart, the settings found before rescoin first touched the VM are the originals
+            original=self.saved_originals.get(uuid, found),
             controls={}, agent=agent,
             interfaces=[i.find("target").get("dev") for i in root.iter("interface") if i.find("target") is not None],
             disks=[d.find("target").get("dev") for d in root.iter("disk") if d.find("target") is not None],
         )
-        st = state.original
+        st = found
         pin0 = _first_set(tuple(pins[0])) if pins else (-1, 1)
         state.controls = {"shares": float(st["shares"]) if st["shares"] is not None else np.nan,
                           "quota": np.nan, "balloon": st["balloon"],
@@ -310,7 +315,7 @@ class LibvirtHost:
         for dom, stats in records:
             uuid = dom.UUIDString()
             seen.add(uuid)
-            if not self.managed(uuid, dom.name()):
+            if not self.managed(uuid, dom.name()) or (self.vm_config and self.vm_config(uuid, dom.name()).exclude):
                 continue
             state = self.vms.get(uuid)
             if state is None:
@@ -330,10 +335,16 @@ class LibvirtHost:
         if self.agents is not None:
             self._agent_data(rows, usage, signal)
         n = len(rows)
+        cfgs = [self.vm_config(r.uuid, r.name) for r in rows] if self.vm_config else [None] * n
+        max_mib = [min(r.max_mib, c.max_memory_mib) if c is not None and c.max_memory_mib > 0 else r.max_mib
+                   for r, c in zip(rows, cfgs)]
         vms = VMSet.build(
             uuids=[r.uuid for r in rows], names=[r.name for r in rows],
-            sizes=np.array([[r.vcpus, r.max_mib, cap.capacity[DISK], cap.capacity[NET]] for r in rows]).reshape(n, N_RES),
-            min_memory=np.array([r.min_mib for r in rows]),
+            sizes=np.array([[r.vcpus, m, cap.capacity[DISK], cap.capacity[NET]]
+                            for r, m in zip(rows, max_mib)]).reshape(n, N_RES),
+            min_memory=np.array([max(r.min_mib, c.min_memory_mib if c is not None else 0.0)
+                                 for r, c in zip(rows, cfgs)]),
+            weight=np.array([c.weight if c is not None else 1.0 for c in cfgs]),
         )
         return Observation(
             ts=now, interval=interval if np.isfinite(interval) else 0.0, host=cap, vms=vms,
@@ -378,7 +389,8 @@ class LibvirtHost:
     def _agent_data(self, rows: list[VMState], usage: list, signal: list) -> None:
         from ..agent import signals_from
 
-        endpoints = {r.uuid: r.agent for r in rows if r.agent}
+        endpoints = {r.uuid: f"tcp:{self.tcp_agents[r.name]}" if r.name in self.tcp_agents else r.agent
+                     for r in rows if r.agent or r.name in self.tcp_agents}
         if not endpoints:
             return
         reports = self.agents.query(endpoints)

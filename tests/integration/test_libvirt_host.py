@@ -184,3 +184,15 @@ def test_disk_cap_and_memtune_soft_limit_reach_libvirt():
     assert dom.blockIoTune("vda", 0)["total_bytes_sec"] == 3000 * 1024
     assert dom.memoryParameters(0)["soft_limit"] == int(round(plan.controls.balloon[0] * 1024))
     h.close()
+
+
+def test_per_vm_config_weight_memory_bounds_and_exclude():
+    from rescoin.config import parse
+
+    cfg = parse('[vm.test]\nweight = 3\nmin_memory_mib = 700\nmax_memory_mib = 4096\n[vm.extra]\nexclude = true\n')
+    h = LibvirtHost("test:///default", vm_config=cfg.for_vm)
+    add_vm(h, "extra")
+    obs = h.observe()
+    assert obs.vms.names.tolist() == ["test"]  # excluded VM not managed
+    assert obs.vms.weight[0] == 3.0 and obs.vms.min_memory[0] == 700.0 and obs.vms.sizes[0, 1] == 4096.0
+    h.close()

@@ -1,0 +1,168 @@
+"""``rescoin status``: what the running daemon sees and does, read over a root-only UNIX socket.
+
+The daemon publishes one JSON snapshot per period; each client connection
+gets the latest snapshot and is closed. The socket's directory and the
+socket itself are mode 0700/0600, so only root can read them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .policies.base import PolicyInput
+from .policies.rescoin import combined_credit, credits
+from .resources import RESOURCES
+
+log = logging.getLogger("rescoin.status")
+
+
+def _num(x: Any) -> float | None:
+    x = float(x)
+    return round(x, 4) if np.isfinite(x) else None
+
+
+def snapshot(daemon, step) -> dict:
+    """Per VM: usage, forecast, allocation, credit, last actions, agent health; per host: capacity, contention."""
+    obs, h = step.obs, daemon.history
+    cap = obs.host.capacity
+    inp = PolicyInput(obs=obs, forecast=None, history=h, capacity=cap, entitlement=step.entitlement,
+                      period=obs.interval)
+    credit = combined_credit(credits(inp, 10), 1.0)
+    fc = step.forecast.value if step.forecast is not None else np.full_like(obs.usage, np.nan)
+    inner = getattr(daemon.host, "host", daemon.host)
+    states = getattr(inner, "vms", {})
+    agents = getattr(getattr(inner, "agents", None), "last_errors", {})
+    vms = []
+    for i in range(obs.n):
+        uuid = str(obs.vms.uuids[i])
+        st = states.get(uuid)
+        vms.append({
+            "name": str(obs.vms.names[i]), "uuid": uuid,
+            "usage": {r.label: _num(obs.usage[i, r]) for r in RESOURCES},
+            "forecast": {r.label: _num(fc[i, r]) for r in RESOURCES},
+            "allocation": {r.label: _num(step.allocation.amount[i, r]) for r in RESOURCES},
+            "balloon_mib": _num(step.plan.controls.balloon[i]), "cpu_shares": _num(step.plan.controls.shares[i]),
+            "credit": _num(credit[i]),
+            "last_actions": list(st.last_actions) if st is not None else
+            [k for k, m in step.plan.changed.items() if k != "pin" and m[i]],
+            "agent": ("no agent" if st is not None and not st.agent and st.name not in getattr(inner, "tcp_agents", {})
+                      else agents.get(uuid, "ok")) if st is not None else "simulated",
+        })
+    demand = np.nansum(fc, axis=0)
+    return {
+        "version": 1, "ts": obs.ts, "period": h.t, "policy": daemon.cfg.daemon.policy, "uri": daemon.cfg.daemon.uri,
+        "step_ms": round(step.seconds * 1e3, 2),
+        "host": {"capacity": {r.label: _num(cap[r]) for r in RESOURCES}, "pcpus": obs.host.pcpus,
+                 "reserve_mib": daemon.cfg.host.reserve_mib,
+                 "forecast_demand": {r.label: _num(demand[r]) for r in RESOURCES},
+                 "contention": {r.label: bool(np.isfinite(cap[r]) and demand[r] > cap[r]) for r in RESOURCES}},
+        "actions": {"applied": step.result.applied, "failed": step.result.failed, "errors": step.result.errors[-10:]},
+        "vms": vms,
+    }
+
+
+class StatusServer:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._data = b'{"version": 1, "starting": true}\n'
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        self.path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(8)
+        sock.settimeout(0.5)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="status", daemon=True)
+        self._thread.start()
+
+    def publish(self, daemon, step) -> None:
+        try:
+            self._data = (json.dumps(snapshot(daemon, step)) + "\n").encode()
+        except Exception:  # noqa: BLE001 - status must never break the loop
+            log.exception("could not build the status snapshot")
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                try:
+                    conn.settimeout(1.0)
+                    conn.sendall(self._data)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._sock is not None:
+            self._sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def query(path: str | Path, timeout: float = 2.0) -> dict:
+    """The daemon's latest snapshot; raises OSError/ValueError with a reason."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while not buf.endswith(b"\n") and time.monotonic() < deadline:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
+
+
+def render(snap: dict):
+    """The snapshot as rich renderables: a host line and a per-VM table."""
+    from rich.console import Group
+    from rich.table import Table
+
+    if snap.get("starting"):
+        return Table(title="rescoin is starting: no period finished yet")
+    host = snap["host"]
+    cap, dem, cont = host["capacity"], host["forecast_demand"], host["contention"]
+    head = Table.grid(padding=(0, 2))
+    head.add_row(f"[bold]rescoin[/] {snap['policy']} on {snap['uri']}", f"period {snap['period']}",
+                 f"step {snap['step_ms']} ms", f"reserve {host['reserve_mib']:.0f} MiB")
+    res = Table.grid(padding=(0, 2))
+    res.add_row(*[f"{k}: {dem[k] or 0:.1f}/{cap[k] or 0:.0f}{' [red]CONTENDED[/]' if cont[k] else ''}"
+                  for k in cap])
+    t = Table(header_style="bold")
+    for col in ("VM", "cpu use", "cpu fc", "cpu alloc", "mem use", "mem fc", "balloon", "credit", "last actions",
+                "agent"):
+        t.add_column(col, justify="left" if col in ("VM", "last actions", "agent") else "right")
+
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    for vm in sorted(snap["vms"], key=lambda v: -(v["usage"]["cpu"] or 0)):
+        t.add_row(vm["name"], f(vm["usage"]["cpu"]), f(vm["forecast"]["cpu"]), f(vm["allocation"]["cpu"]),
+                  f(vm["usage"]["memory"], "{:.0f}"), f(vm["forecast"]["memory"], "{:.0f}"),
+                  f(vm["balloon_mib"], "{:.0f}"), f(vm["credit"], "{:+.3f}"),
+                  ", ".join(vm["last_actions"]) or "-", vm["agent"])
+    failed = snap["actions"]["failed"]
+    foot = f"actions applied {snap['actions']['applied']}" + (f", [red]failed {failed}[/]" if failed else "")
+    return Group(head, res, t, foot)
