@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -367,9 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--history", default="rescoin-history", metavar="DIR", help="where to write history CSV")
     d.set_defaults(func=cmd_demo)
 
+    from .deploy import add_agent_parser
     from .lab import add_lab_parser
 
     add_lab_parser(sub)
+    add_agent_parser(sub)
     return p
 
 

@@ -126,7 +126,11 @@ class PaddedEWMA:
         var += self._beta * (dev * dev - var)
         level += alpha * dev
 
-        on = fillnan(sig, 0.0) > self._thr
+        # grow only where the allocation is what holds the VM back (usage at it, or unknown):
+        # pressure from a contended host does not go away by asking for more
+        alloc = history.latest("allocation")
+        bound = ~(x < 0.9 * alloc)  # NaN (unknown) counts as bound
+        on = (fillnan(sig, 0.0) > self._thr) & bound
         grown = np.minimum(corr * self._growth, self._max_growth)
         relaxed = np.maximum(1.0, np.sqrt(corr))
         corr[...] = np.where(on, grown, relaxed)

@@ -13,7 +13,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 from rescoin.guard import Guard  # noqa: E402
 from rescoin.hosts.libvirt import HostSettings, HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
 from rescoin.loop import ControlLoop  # noqa: E402
-from rescoin.model import Allocation, Plan  # noqa: E402
+from rescoin.model import Allocation  # noqa: E402
 from rescoin.policies import make_policy  # noqa: E402
 
 EXTRA = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memory>
