@@ -141,7 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args)
     console = Console(stderr=True)
-    sim = {"vms": args.vms, "days": args.days, "start_day": args.start_day, "overcommit": args.overcommit}
+    sim = {"vms": args.vms, "vm_offset": args.vm_offset, "days": args.days, "start_day": args.start_day,
+           "overcommit": args.overcommit}
     try:
         daemon = Daemon(cfg, config_path=args.config, sim=sim, overrides=lambda c: _overrides(c, args), speed=args.speed if cfg.daemon.uri.startswith("sim:")
                         else 1.0, dry_run_host=(lambda h: DryRunHost(h, console)) if cfg.daemon.dry_run else None)
@@ -366,11 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--history", default="rescoin-history", metavar="DIR", help="where to write history CSV")
     d.set_defaults(func=cmd_demo)
 
+    from .analysis import add_analyze_parser
     from .deploy import add_agent_parser
+    from .fit import add_fit_parser
     from .lab import add_lab_parser
 
     add_lab_parser(sub)
     add_agent_parser(sub)
+    add_analyze_parser(sub)
+    add_fit_parser(sub)
     return p
 
 

@@ -98,7 +98,8 @@ def build_host(cfg: Config, sim: dict | None = None):
         from .traces import load_trace, sample_trace_path
 
         sim = sim or {}
-        trace = load_trace(uri[4:] or sample_trace_path(), vms=sim.get("vms"), days=sim.get("days"),
+        trace = load_trace(uri[4:] or sample_trace_path(), vms=sim.get("vms"), vm_offset=sim.get("vm_offset", 0),
+                           days=sim.get("days"),
                            start_day=sim.get("start_day", 0.0))
         return SimHost(trace, overcommit=sim.get("overcommit", 1.5))
     from .agent import AgentClient, load_key

@@ -1,0 +1,217 @@
+"""rescoin fit: replaying history through PaddedEWMA, the weighted loss, the search, the model files."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rescoin.fit import (
+    FIT,
+    HELD,
+    Series,
+    batching_works,
+    check_table,
+    fit,
+    main,
+    parts,
+    per_vm_path,
+    replay,
+)
+from rescoin.history import History
+from rescoin.historycsv import HistoryWriter
+from rescoin.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
+from rescoin.resources import CPU, MEMORY, N_RES, RESOURCES
+
+PLAIN = PredictorParams(alpha_up=0.9, alpha_down=0.9, hold_last=0.0, growth=1.0)
+
+
+def plain_base(**kw) -> dict:
+    return {r: replace(PLAIN, **kw) for r in RESOURCES}
+
+
+def local_level(alpha: float, vms: int, periods: int, seed: int = 3) -> Series:
+    """CPU usage from a local-level process, for which EWMA with ``alpha`` is the best predictor:
+    level += N(0, q), usage = level + N(0, 1), with q = alpha^2 / (1 - alpha)."""
+    rng = np.random.default_rng(seed)
+    q = alpha ** 2 / (1 - alpha)
+    level = 40.0 + np.cumsum(rng.normal(0, np.sqrt(q), (periods, vms)), axis=0)
+    usage = np.full((periods, vms, N_RES), np.nan)
+    usage[:, :, CPU] = level + rng.normal(0, 1.0, (periods, vms))
+    signal = np.where(np.isnan(usage), np.nan, 0.0)
+    ids = np.array([f"vm{i}" for i in range(vms)])
+    return Series(ts=np.arange(periods) * 300.0, uuids=ids, names=ids, usage=usage, signal=signal, period=300.0)
+
+
+def by_hand(series: np.ndarray, alpha: float) -> np.ndarray:
+    """Plain EWMA forecasts: forecast[t] is made after period t for period t+1."""
+    out = np.empty_like(series)
+    level = series[0]
+    for t, x in enumerate(series):
+        level = x if t == 0 else level + alpha * (x - level)
+        out[t] = level
+    return out
+
+
+# -- replay and loss --------------------------------------------------------------------------------
+
+
+def test_replay_scores_next_period_usage_by_hand():
+    s = local_level(0.5, vms=2, periods=30)
+    part = parts(s, 0.0)
+    sums = replay(PaddedEWMA({r: replace(PLAIN, alpha_up=0.5, alpha_down=0.5) for r in RESOURCES}), s, part)
+    for v in range(2):
+        x = s.usage[:, v, CPU]
+        f = by_hand(x, 0.5)
+        e = x[1:] - f[:-1]
+        assert sums.under[0, v, CPU, FIT] == pytest.approx(np.maximum(e, 0).sum())
+        assert sums.over[0, v, CPU, FIT] == pytest.approx(np.maximum(-e, 0).sum())
+        assert sums.usage[0, v, CPU, FIT] == pytest.approx(x[1:].sum())
+    loss = sums.part(FIT).loss(4.0, axis=(0, 1))[CPU]
+    assert loss == pytest.approx((4 * sums.under[..., CPU, FIT].sum() + sums.over[..., CPU, FIT].sum())
+                                 / sums.usage[..., CPU, FIT].sum())
+    assert np.isnan(sums.part(FIT).loss(4.0, axis=(0, 1))[MEMORY])  # no memory data: no loss
+
+
+def test_parts_hold_back_the_end_of_each_series():
+    s = local_level(0.3, vms=2, periods=20)
+    s.usage[:8, 1] = np.nan  # the second VM arrives late: its own series is split, not the calendar
+    p = parts(s, 0.25)
+    assert (p[0] == 0).all()
+    assert (p[1:15, 0, CPU] == FIT).all() and (p[15:, 0, CPU] == HELD).all()
+    assert (p[:8, 1, CPU] == 0).all() and (p[8:17, 1, CPU] == FIT).all() and (p[17:, 1, CPU] == HELD).all()
+    assert (p[:, :, MEMORY] == 0).all()
+
+
+def test_batched_candidates_match_plain_replays():
+    """The fit gives each row block its own parameters; that must equal separate plain PaddedEWMA runs."""
+    assert batching_works(default_predictor().params)
+    assert batching_works(plain_base())
+
+
+# -- the search -------------------------------------------------------------------------------------
+
+
+def test_fit_recovers_a_known_alpha_and_beats_a_wrong_one():
+    s = local_level(0.3, vms=8, periods=500)
+    res = fit(s, plain_base(), w_under=1.0, holdout=0.25, rounds=1)
+    cpu = res.fitted[RESOURCES[CPU]]
+    assert 0.2 <= cpu.alpha_up <= 0.5 and 0.2 <= cpu.alpha_down <= 0.5, cpu
+    assert res.fitted[RESOURCES[MEMORY]] == PLAIN  # no memory data: the base is kept
+    assert res.fitted_resources == ["cpu"]
+    held_fit = res.fitted_sums.part(HELD).loss(1.0, axis=(0, 1))[CPU]
+    held_base = res.base_sums.part(HELD).loss(1.0, axis=(0, 1))[CPU]
+    assert held_fit < 0.9 * held_base  # better than alpha 0.9 on data the search never saw
+    truth = check_table(s, {"right": PaddedEWMA(plain_base(alpha_up=0.3, alpha_down=0.3)),
+                            "wrong": PaddedEWMA(plain_base(alpha_up=0.9, alpha_down=0.9))}, 1.0)["cpu"]
+    assert truth["right"]["loss"] < truth["wrong"]["loss"]
+
+
+def test_heavier_under_weight_gives_less_under_estimation():
+    s = local_level(0.3, vms=6, periods=300)
+    light = fit(s, plain_base(), w_under=1.0, holdout=0.0, rounds=1)
+    heavy = fit(s, plain_base(), w_under=8.0, holdout=0.0, rounds=1)
+    under = lambda r: r.fitted_sums.part(FIT).ratio("under", axis=(0, 1))[CPU]
+    assert under(heavy) < 0.7 * under(light)
+
+
+def test_fallback_without_batching_finds_the_same_parameters():
+    s = local_level(0.3, vms=3, periods=120)
+    a = fit(s, plain_base(), w_under=4.0, holdout=0.25, rounds=1, batched=True)
+    b = fit(s, plain_base(), w_under=4.0, holdout=0.25, rounds=1, batched=False)
+    assert a.fitted == b.fitted
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+def write_history(directory: Path, kit, periods: int = 80, vms: int = 3, period: float = 3600.0) -> Path:
+    """History from the real HistoryWriter: cpu and memory usage with a little unmet-demand signal."""
+    rng = np.random.default_rng(5)
+    v = kit.vms(vms)
+    cap = np.array([8.0, 16384.0, 1000.0, 1000.0])
+    ent = np.tile([2.0, 4096.0, 250.0, 250.0], (vms, 1))
+    h = History(window=20)
+    level = np.array([1.0, 2048.0, 50.0, 20.0])
+    with HistoryWriter(directory, "host-a") as w:
+        for t in range(periods):
+            level = level * np.exp(rng.normal(0, 0.05, N_RES))
+            usage = level * rng.lognormal(0, 0.2, (vms, N_RES))
+            sig = np.where(rng.random((vms, N_RES)) < 0.05, 0.1, 0.0)
+            h.decide(forecast=usage, allocation=ent, entitlement=ent)
+            obs = kit.obs(v, usage, cap, signal=sig, ts=1375315200.0 + period * t, interval=period)
+            h.push(obs)
+            w.write(SimpleNamespace(obs=obs, entitlement=ent), h)
+    return directory
+
+
+def test_fit_command_writes_a_model_that_loads(tmp_path, kit, capsys):
+    hist = write_history(tmp_path / "hist", kit)
+    out = tmp_path / "models" / "fitted.toml"
+    code = main([str(hist), "-o", str(out), "--per-vm", "--rounds", "1", "--comment", "made for a test"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "held-back check" in stdout and "under fitted" in stdout and "loss base" in stdout
+    model = load_model(out)  # what run --model and simulate --model do
+    assert model.name == "fitted"
+    text = out.read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert any(line.startswith("# command: rescoin fit ") and "--per-vm" in line for line in header)
+    assert any("made for a test" in line for line in header)
+    assert any(line.startswith("# cpu ") and "->" in line for line in header)
+    data = tomllib.loads(text)
+    for r in RESOURCES:
+        assert set(data[r.label]) == set(PredictorParams.__dataclass_fields__)
+    assert data["memory"]["season"] == 288 and data["cpu"]["growth"] == 1.5  # kept from the base model
+    pv = per_vm_path(out)
+    assert pv.name == "fitted.per-vm.toml"
+    per = tomllib.loads(pv.read_text())
+    assert set(per["vm"]) == {f"uuid-{i}" for i in range(3)}  # 80 h, 60 fitted: over 2 days each
+    assert set(per["vm"]["uuid-0"]["cpu"]) == {"alpha_up", "alpha_down", "pad_error", "pad_std", "pad_frac"}
+    assert "INFORMATIONAL" in pv.read_text()
+
+
+def test_fit_check_scores_a_model_on_other_history(tmp_path, kit, capsys):
+    hist = write_history(tmp_path / "hist", kit, periods=40)
+    model = tmp_path / "m.toml"
+    model.write_text('[cpu]\nalpha_up = 0.5\nalpha_down = 0.5\n')
+    code = main([str(hist), "--check", str(model)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "under checked" in stdout and "loss checked" in stdout
+    assert not any(tmp_path.glob("*.per-vm.toml"))
+
+
+@pytest.mark.parametrize("argv", [["nope-dir-or-file.csv", "-o", "x.toml"], ["{hist}"]])
+def test_fit_user_errors_are_one_line(tmp_path, kit, capsys, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hist = write_history(tmp_path / "hist", kit, periods=5)
+    code = main([a.format(hist=hist) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 2
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rescoin: error: "), err
+    assert not (tmp_path / "x.toml").exists()
+
+
+def test_under_weight_per_resource():
+    from rescoin.fit import UnderWeight
+
+    w = UnderWeight.parse("memory=10,cpu=2")
+    assert np.asarray(w).tolist() == [2.0, 10.0, 4.0, 4.0]
+    assert str(w) == "cpu=2,memory=10,disk=4,net=4"
+    assert np.asarray(UnderWeight.parse("3")).tolist() == [3.0] * N_RES and str(UnderWeight.parse("3")) == "3"
+    import argparse
+
+    for bad in ("0", "gpu=3", "cpu=x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            UnderWeight.parse(bad)
+    # a heavier memory weight only changes memory's loss
+    s = local_level(0.3, vms=2, periods=50)
+    s.usage[:, :, MEMORY] = s.usage[:, :, CPU] * 100
+    sums = replay(PaddedEWMA(plain_base()), s, parts(s, 0.0)).part(FIT)
+    a, b = sums.loss(4.0, axis=(0, 1)), sums.loss(UnderWeight.parse("memory=10"), axis=(0, 1))
+    assert a[CPU] == pytest.approx(b[CPU]) and b[MEMORY] > a[MEMORY]
