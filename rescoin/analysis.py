@@ -14,6 +14,8 @@ CSV (wrong header) is one clear error.
 """
 from __future__ import annotations
 
+from .argtypes import number
+
 import argparse
 import base64
 import csv
@@ -873,14 +875,7 @@ computed from what the host showed (definitions at the end).</p>
 
 
 # -- command -------------------------------------------------------------------------------------
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+_count = number(int, 0)
 
 
 def load_with_progress(paths: Iterable[str | Path], console=None) -> HistoryData:

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import __version__
+from .argtypes import number
 
 log = logging.getLogger("rescoin")
 
@@ -38,26 +39,10 @@ def _load(path: str, vms: int | None, days: float | None, start_day: float, vm_o
 
 
 def _positive(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return v
-
-    return parse
+    return number(kind, 0, strict=True)
 
 
-def _nonneg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+_nonneg = number(float, 0)
 
 
 def _trace_args(p: argparse.ArgumentParser, default_vms: int | None = None) -> None:

@@ -16,7 +16,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from dataclasses import replace
 from fnmatch import fnmatch
 from pathlib import Path
@@ -29,7 +28,7 @@ from .config import Config, ConfigError, load
 from .guard import Guard
 from .history import History
 from .historycsv import HistoryWriter
-from .loop import ControlLoop, HostUnavailableError, Step
+from .loop import ControlLoop, Step, run_daemon
 from .policies import make_policy
 from .predict import load_model
 
@@ -196,6 +195,12 @@ class Daemon:
                  new.daemon.policy, new.daemon.period)
 
     # -- one period -------------------------------------------------------------------------------
+    def step(self) -> Step | None:
+        """One control step, after a pending reload (so the new configuration applies at once)."""
+        if self.reload_event.is_set():
+            self.reload()
+        return self.loop.step()
+
     def _after_step(self, step: Step) -> None:
         self.last_step = step
         self.periods += 1
@@ -228,24 +233,9 @@ class Daemon:
         if hasattr(self.host, "start_events"):
             self.host.start_events()
         log.info("rescoin %s: policy %s on %s, period %.0f s", __version__, d.policy, d.uri, self.period)
-        next_at = time.monotonic()
         try:
-            while not self.stop_event.is_set() and (max_periods is None or self.periods < max_periods):
-                if self.reload_event.is_set():
-                    self.reload()
-                try:
-                    step = self.loop.step()
-                except HostUnavailableError as e:
-                    log.warning("%s", e)
-                except Exception:  # noqa: BLE001 - one bad period never ends the daemon
-                    log.exception("control step failed; continuing with the next period")
-                else:
-                    if step is None:
-                        break
-                    self._after_step(step)
-                wait = self.period / self.speed if self.speed > 0 else 0.0
-                next_at = max(next_at + wait, time.monotonic() - wait)
-                self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+            run_daemon(self, lambda: self.period, self.stop_event, self._after_step,
+                       speed=self.speed, max_steps=max_periods)
         finally:
             self.close()
         log.info("stopped after %d periods", self.periods)

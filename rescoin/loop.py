@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -99,8 +99,8 @@ class ControlLoop:
 
 
 def run_daemon(
-    loop: ControlLoop,
-    period: float,
+    loop: "ControlLoop | Steppable",
+    period: float | Callable[[], float],
     stop: threading.Event,
     on_step: Callable[[Step], None] | None = None,
     speed: float = 1.0,
@@ -108,10 +108,11 @@ def run_daemon(
 ) -> int:
     """Step every ``period / speed`` seconds until ``stop`` is set or the host runs out.
 
-    A failing step is logged and the next one goes on: one bad period never
-    ends the daemon. Returns the number of steps taken.
+    ``loop`` is anything with ``step()``; ``period`` may be a callable, read
+    each period (a reload can change it). A failing step is logged and the
+    next one goes on: one bad period never ends the daemon. Returns the
+    number of steps taken.
     """
-    wait = period / speed if speed > 0 else 0.0
     taken = 0
     next_at = time.monotonic()
     while not stop.is_set() and (max_steps is None or taken < max_steps):
@@ -127,6 +128,12 @@ def run_daemon(
             taken += 1
             if on_step is not None:
                 on_step(step)
-        next_at += wait
+        p = period() if callable(period) else period
+        wait = p / speed if speed > 0 else 0.0
+        next_at = max(next_at + wait, time.monotonic() - wait)  # after a long stall, do not rush to catch up
         stop.wait(max(0.0, next_at - time.monotonic()))
     return taken
+
+
+class Steppable(Protocol):
+    def step(self) -> Step | None: ...
