@@ -5,6 +5,7 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,9 +18,9 @@ from .policies.rescoin import combined_credit, credits
 from .policies.base import PolicyInput
 from .resources import CPU, MEMORY, RESOURCES, UNITS
 
-SHORT = {"satisfaction": "satisf.", "violations": "viol.", "worst_off": "worst-off", "fairness": "Jain",
-         "breaches": "breaches", "actuations_per_vm_hour": "act/VM-h", "reclaimed": "reclaimed",
-         "under_error": "under-err", "over_error": "over-err"}
+SHORT = {"satisfaction": "satisf", "violations": "viol", "worst_off": "worst", "fairness": "Jain",
+         "breaches": "breach", "actuations_per_vm_hour": "act/VMh", "reclaimed": "reclaim",
+         "under_error": "under", "over_error": "over"}
 
 
 def progress(console: Console | None = None, transient: bool = False) -> Progress:
@@ -30,7 +31,7 @@ def progress(console: Console | None = None, transient: bool = False) -> Progres
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
-    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
 
 
 def metric_tables(result: dict) -> list[Table]:
@@ -38,13 +39,14 @@ def metric_tables(result: dict) -> list[Table]:
     tables = []
     policies = result["policies"]
     for r in RESOURCES:
-        t = Table(title=f"{r.label} ({UNITS[r]})", title_justify="left", header_style="bold")
-        t.add_column("policy")
+        t = Table(title=f"{r.label} ({UNITS[r]})", title_justify="left", header_style="bold",
+                  box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)
+        t.add_column("policy", no_wrap=True)
         shown = [m for m in METRICS if any(p[r.label][m] is not None for p in policies.values())]
         for m in shown:
-            t.add_column(SHORT[m], justify="right")
+            t.add_column(SHORT[m], justify="right", no_wrap=True, min_width=6)
         if r == CPU:
-            t.add_column("pins/VM-h", justify="right")
+            t.add_column("pin/VMh", justify="right", no_wrap=True, min_width=6)
         for name, res in policies.items():
             row = [name] + [_fmt(res[r.label][m]) for m in shown]
             if r == CPU:
