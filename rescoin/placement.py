@@ -1,6 +1,7 @@
 """vCPU placement: which pCPU (or group of pCPUs) each vCPU is pinned to.
 
-Separate from the share policy. rescoin's placement balances *predicted*
+Separate from the share policy. rescoin's placement pins the vCPUs forecast
+to be busy and leaves light ones floating (-1), balances *predicted*
 per-pCPU load with as few pin changes as possible: it moves a vCPU only when
 the imbalance exceeds a threshold, a few vCPUs per period at most, and never
 a vCPU of a VM that was moved within the last few periods (no ping-pong).
@@ -80,6 +81,8 @@ class BalancePlacement:
     threshold: float = 0.25  # move when the busiest group is this far (in pCPUs per pCPU) above the mean
     moves_per_period: float = 0.01  # at most this share of vCPUs move in one period (at least one)
     cooldown: int = 6  # periods before a VM's vCPUs may move again
+    pin_above: float = 0.5  # a vCPU forecast to keep this much of a core busy is pinned ...
+    unpin_below: float = 0.1  # ... and floats again once it falls below this (wide hysteresis: few pin changes)
 
     def place(self, inp: PolicyInput, load: np.ndarray) -> tuple[np.ndarray, int]:
         width = self.width or auto_width(inp.obs.host.pcpus)
@@ -90,7 +93,15 @@ class BalancePlacement:
         owner = vms.vcpu_owner()
         last = inp.history.state("placement.moved", shape=(), fill=-1e9)
         now = inp.history.t
-        pins = assign_greedy(pins, per, groups, np.flatnonzero(pins < 0))
+        # Busy vCPUs are pinned apart; light ones float and soak up idle pCPUs, so a
+        # mostly idle VM that bursts is never stuck behind a busy neighbour's pCPU.
+        cool = now - last[owner] >= self.cooldown
+        unpin = (pins >= 0) & (per < self.unpin_below) & cool
+        pins[unpin] = -1
+        pin = np.flatnonzero((pins < 0) & (per >= self.pin_above) & ~unpin)
+        pins = assign_greedy(pins, per, groups, pin)
+        last[owner[unpin]] = now
+        last[owner[pin]] = now
         budget = max(1, int(self.moves_per_period * pins.size))
         loads = group_load(pins, per, groups)
         for _ in range(budget):

@@ -159,10 +159,17 @@ def _cpumap(pcpus: int, first: int, width: int) -> tuple[bool, ...]:
 
 
 def _first_set(cpumap: tuple[bool, ...]) -> tuple[int, int]:
+    """(first pCPU, how many) of a CPU map; (-1, 1) when it allows every pCPU (floating)."""
     on = [i for i, b in enumerate(cpumap) if b]
     if not on or len(on) == len(cpumap):
         return -1, 1
     return on[0], len(on)
+
+
+def _pin_group(cpumap: tuple[bool, ...], width: int) -> int:
+    """The pin-set index a CPU map stands for (-1 = floating), for sets of ``width`` pCPUs."""
+    first, _ = _first_set(cpumap)
+    return first // max(1, width) if first >= 0 else -1
 
 
 class LibvirtHost:
@@ -283,7 +290,7 @@ class LibvirtHost:
                           "quota": np.nan, "balloon": st["balloon"],
                           "blkio": float(st["blkio"]) if st["blkio"] else np.nan, "netcap": np.nan,
                           "diskcap": np.nan,
-                          "pins": [(_first_set(tuple(p))[0]) for p in pins] or [-1] * state.vcpus,
+                          "pins": [_pin_group(tuple(p), pin0[1]) for p in pins] or [-1] * state.vcpus,
                           "pin_width": pin0[1]}
         if self.settings.stats_period:
             self.lv.call("setMemoryStatsPeriod", name, dom.setMemoryStatsPeriod, self.settings.stats_period, 0)
@@ -471,9 +478,8 @@ class LibvirtHost:
             vs = slice(starts[i], starts[i] + state.vcpus)
             for v in np.flatnonzero(plan.changed["pin"][vs]):
                 group = int(c.pins[vs][v])
-                if group < 0:
-                    continue
-                cmap = _cpumap(pcpus, group * c.pin_width, c.pin_width)
+                # -1 floats the vCPU again: a map of every pCPU
+                cmap = _cpumap(pcpus, group * c.pin_width, c.pin_width) if group >= 0 else (True,) * pcpus
 
                 def pinned(s=state, v=int(v), g=group, w=c.pin_width) -> None:
                     s.controls["pins"][v] = g

@@ -5,7 +5,7 @@ apply to every policy:
 
 - CPU: weighted max-min sharing of the host's cores by cpu shares, capped by
   quotas and by each VM's vCPU count; with pinning, per pCPU group, each vCPU
-  using at most one core.
+  using at most one core; unpinned vCPUs float over whatever room is left.
 - Memory: a VM gets ``min(demand, balloon target)``; the host cannot hand out
   more than it has.
 - Disk: weighted max-min by blkio weight. Net: max-min under each VM's cap.
@@ -74,7 +74,9 @@ class SimHost:
             sizes=sizes,
             min_memory=np.zeros(n),
         )
-        self.presence = np.ones((self.periods, n), dtype=bool) if presence is None else np.asarray(presence, bool)
+        if presence is None:  # a VM with no sample at all in a period was not running then
+            presence = np.isfinite(demand).any(axis=2)
+        self.presence = np.asarray(presence, bool)
         if self.presence.shape != (self.periods, n):
             raise ValueError(f"presence must be {(self.periods, n)}, got {self.presence.shape}")
         self.start = float(getattr(trace, "start", 0.0))
@@ -145,10 +147,16 @@ class SimHost:
             width = max(1, int(ctl.pin_width))
             groups = max(1, self._capacity.pcpus // width)
             owner = vms.vcpu_owner()
-            pins = np.where(ctl.pins >= 0, ctl.pins, np.arange(ctl.pins.size)) % groups
             per = np.repeat(want / v, v)
             w = np.repeat(ctl.shares / v, v)
-            got = water_fill(per, w, np.full(groups, float(width)), pins)
+            # Progressive filling with affinity: a pinned vCPU gets no more than its
+            # group's max-min share; then every vCPU shares the whole host, because
+            # floating vCPUs run wherever a pCPU has room (as CFS migrates them).
+            pinned = ctl.pins >= 0
+            bound = per.copy()
+            bound[pinned] = water_fill(per[pinned], w[pinned], np.full(groups, float(width)),
+                                       ctl.pins[pinned] % groups)
+            got = water_fill(bound, w, cap[CPU])
             out[:, CPU] = np.bincount(owner, weights=got, minlength=vms.n)
         size_mem = fillnan(vms.sizes[:, MEMORY], 0.0)
         target = np.where(np.isnan(ctl.balloon), size_mem, ctl.balloon)

@@ -84,6 +84,28 @@ def test_balloon_target_is_applied_and_read_back(host):
     assert dom.info()[2] == int(round(plan.controls.balloon[0] * 1024))
 
 
+
+def test_pin_then_float_again_is_applied_and_read_back(host):
+    def apply_pins(pins, width):
+        obs = host.observe()
+        alloc = Allocation(np.full((1, 4), np.nan), caps=np.zeros(4, dtype=bool)).with_pins(np.array(pins), width)
+        plan = Guard().plan(alloc, obs, obs.host.capacity)
+        assert host.apply(plan).failed == {}
+        return host.lv.connect().lookupByName("test").vcpuPinInfo(0)
+
+    pcpus = host.observe().host.pcpus
+    width = 2 if pcpus >= 4 else 1
+    # (the test driver reports 16 pCPUs but keeps 8-entry maps)
+    maps = apply_pins([1, 1], width)  # both vCPUs on the second pin set
+    assert all(tuple(m) == _cpumap(len(m), width, width) for m in maps)
+    maps = apply_pins([1, -1], width)  # vCPU 1 floats again: every pCPU allowed
+    assert tuple(maps[0]) == _cpumap(len(maps[0]), width, width) and all(maps[1])
+    # a new host adopting the VM reads the sets back as set indexes, floating as -1
+    again = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0))
+    again.lv = host.lv  # the test driver keeps state per connection
+    ctl = again.observe().controls
+    assert ctl.pins.tolist() == [1, -1] and ctl.pin_width == width
+
 def test_vm_appearing_and_vanishing_is_followed_next_period(host):
     loop = ControlLoop(host, make_policy("rescoin"), period=1.0)
     loop.step()

@@ -221,6 +221,23 @@ def test_cpu_grant_with_pins_per_pcpu(kit):
     np.testing.assert_allclose(host2.observe().usage[:, CPU], [1.0, 1.0])
 
 
+
+def test_floating_vcpus_use_any_room_pinned_ones_only_their_group(kit):
+    # 3 single-vCPU VMs on 2 pCPUs: A and B pinned to pCPU 0, C floating.
+    demand = np.full((3, 3, N_RES), NAN)
+    demand[:, :, CPU] = 1.0
+    host = SimHost(kit.trace(demand, np.array([1.0, 1.0, 1.0])), overcommit=1.5)  # 2 pCPUs
+    assert host.observe().host.pcpus == 2
+    host.controls.pins = np.array([0, 0, -1])
+    # A and B split pCPU 0; C floats onto the idle pCPU 1 and gets all of it
+    np.testing.assert_allclose(host.observe().usage[:, CPU], [0.5, 0.5, 1.0])
+    # pinned apart, A and B each have a pCPU; C shares the host's last bit of room: none left
+    host.controls.pins = np.array([0, 1, -1])
+    got = host.observe().usage[:, CPU]
+    assert got.sum() == pytest.approx(2.0)
+    # max-min over the whole host: everyone equal at 2/3 (C takes a third from each pCPU)
+    np.testing.assert_allclose(got, [2 / 3, 2 / 3, 2 / 3])
+
 def test_memory_grant_is_min_of_demand_and_balloon(kit):
     host = _two_vm_host(kit, [1.0, 1.0], [500.0, 500.0])
     host.controls.balloon = np.array([300.0, 700.0])

@@ -606,18 +606,39 @@ def test_make_placement_names():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=12), st.integers(2, 12), st.integers(0, 2**32 - 1))
-def test_balance_pins_every_vcpu_and_balances(kit, vcpus, pcpus, seed):
+def test_balance_pins_busy_vcpus_floats_light_ones_and_balances(kit, vcpus, pcpus, seed):
     rng = np.random.default_rng(seed)
     inp = place_input(kit, vcpus, pcpus)
     load = rng.uniform(0, 1, len(vcpus)) * np.array(vcpus)
-    pins, width = BalancePlacement().place(inp, load)
+    p = BalancePlacement()
+    pins, width = p.place(inp, load)
     groups = pcpus // width
     assert pins.shape == (sum(vcpus),)
-    assert np.all((pins >= 0) & (pins < groups))
     per = np.repeat(np.minimum(load / np.array(vcpus), 1.0), vcpus)
-    loads = group_load(pins, per, groups)
-    # greedy heaviest-first: no group exceeds the lightest by more than one vCPU's load
-    assert loads.max() - loads.min() <= per.max() + 1e-9
+    busy = per >= p.pin_above
+    assert np.all((pins[busy] >= 0) & (pins[busy] < groups))
+    assert np.all(pins[~busy] == -1)  # light vCPUs float
+    if busy.any():
+        loads = group_load(pins, per, groups)
+        # greedy heaviest-first: no group exceeds the lightest by more than one vCPU's load
+        assert loads.max() - loads.min() <= per.max() + 1e-9
+
+
+def test_balance_unpins_a_vcpu_that_went_quiet_with_hysteresis(kit):
+    p = BalancePlacement()
+    h = History(window=20)
+    pins = np.array([0, 1])
+    for _ in range(p.cooldown + 1):  # let the cooldown of the first placement pass
+        inp = place_input(kit, [1, 1], 2, pins=pins, history=h)
+        pins, _ = p.place(inp, np.array([0.9, 0.9]))
+    np.testing.assert_array_equal(pins, [0, 1])
+    # between the two thresholds nothing changes; below the lower one the vCPU floats
+    inp = place_input(kit, [1, 1], 2, pins=pins, history=h)
+    pins, _ = p.place(inp, np.array([0.2, 0.9]))
+    np.testing.assert_array_equal(pins, [0, 1])
+    inp = place_input(kit, [1, 1], 2, pins=pins, history=h)
+    pins, _ = p.place(inp, np.array([0.05, 0.9]))
+    np.testing.assert_array_equal(pins, [-1, 1])
 
 
 def test_balance_moves_at_most_the_budget(kit):
@@ -665,18 +686,18 @@ def test_balance_small_imbalance_is_left_alone(kit):
 def test_balance_does_not_move_a_vm_again_within_cooldown(kit):
     p = BalancePlacement()
     h = History(window=20)
-    # VM A (2 vCPUs, 0.8 each) and B (0.1), all on pCPU 0 of 2
+    # VM A (2 vCPUs, 0.8 each) and B (0.3: light, but not light enough to float), all on pCPU 0 of 2
     pins = np.array([0, 0, 0])
     inp = place_input(kit, [2, 1], 2, pins=pins, history=h)
-    pins, _ = p.place(inp, np.array([1.6, 0.1]))
+    pins, _ = p.place(inp, np.array([1.6, 0.3]))
     moved = np.flatnonzero(pins != 0)
     assert moved.size == 1 and moved[0] in (0, 1)  # one of A's vCPUs went to pCPU 1
     a_stay = [i for i in (0, 1) if i != moved[0]][0]
     first = h.t
-    # now A is light and B heavy: the best move is A's remaining vCPU (B alone would swap the imbalance)
+    # now A is lighter and B heavy: the best move is A's remaining vCPU (B alone would swap the imbalance)
     for _ in range(p.cooldown + 2):
         inp = place_input(kit, [2, 1], 2, pins=pins, history=h)
-        new, _ = p.place(inp, np.array([0.2, 1.0]))
+        new, _ = p.place(inp, np.array([1.2, 1.0]))
         if h.t - first < p.cooldown:
             np.testing.assert_array_equal(new, pins, err_msg=f"moved within cooldown at period {h.t}")
         pins = new
