@@ -415,7 +415,11 @@ def _read_bitbrains_vm(p: Path, counts: dict[str, int]) -> tuple[np.ndarray, np.
 
     cores, cap = raw["cores"], raw["cap"]
     ok = (cores > 0) & (cap > 0)
-    counts["no_capacity"] += int((~ok & np.isfinite(ts)).sum())
+    # nothing provisioned at all (no cores, no CPU, no memory): the VM was not
+    # running, so its zero memory and I/O are no measurement either
+    off = ~ok & ~(raw["mem_cap"] > 0) & np.isfinite(ts)
+    counts["not_running"] += int(off.sum())
+    counts["no_capacity"] += int((~ok & ~off & np.isfinite(ts)).sum())
     with np.errstate(divide="ignore", invalid="ignore"):
         cpu = np.where(ok, raw["cpu"] * cores / cap, np.nan)
     over = cpu > cores
@@ -427,6 +431,7 @@ def _read_bitbrains_vm(p: Path, counts: dict[str, int]) -> tuple[np.ndarray, np.
     values[:, MEMORY] = raw["mem"] / 1024.0
     values[:, DISK] = raw["disk_r"] + raw["disk_w"]
     values[:, NET] = raw["net_rx"] + raw["net_tx"]
+    values[off] = np.nan
 
     mem_cap = raw["mem_cap"][np.isfinite(raw["mem_cap"]) & (raw["mem_cap"] > 0)]
     sizes = np.full(N_RES, np.nan)
@@ -445,7 +450,7 @@ def _load_bitbrains(
 ) -> _Samples:
     by_id, label = _bitbrains_files(root)
     ids = _pick(sorted(by_id, key=_natural_key), vms, vm_offset, root)
-    counts = {"negative": 0, "no_capacity": 0, "clipped_cpu": 0}
+    counts = {"negative": 0, "no_capacity": 0, "not_running": 0, "clipped_cpu": 0}
     parts_ts, parts_vm, parts_val = [], [], []
     sizes = np.full((len(ids), N_RES), np.nan)
     for i, vm_id in enumerate(ids):
@@ -463,6 +468,11 @@ def _load_bitbrains(
     if counts["no_capacity"]:
         notes.append(
             f"{counts['no_capacity']} rows (in the files read) with zero CPU cores or capacity: CPU unknown"
+        )
+    if counts["not_running"]:
+        notes.append(
+            f"{counts['not_running']} rows (in the files read) with nothing provisioned: the VM was not "
+            "running (absent from the simulated host)"
         )
     if counts["clipped_cpu"]:
         notes.append(

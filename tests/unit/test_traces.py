@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rescoin import traces
+from rescoin.hosts.sim import SimHost
 from rescoin.resources import CPU, DISK, MEMORY, N_RES, NET
 from rescoin.traces import TraceError, detect_format, load_trace, sample_trace_path
 
@@ -132,6 +133,19 @@ def test_zero_capacity_rows_give_unknown_cpu(tmp_path):
     assert not np.isnan(tr.demand[:, 0, MEMORY]).any()  # the other resources are still known
     assert tr.sizes[0, CPU] == 2.0  # the most common non-zero core count
     assert any("21 rows" in n and "zero CPU cores or capacity" in n for n in tr.notes)
+
+
+def test_rows_with_nothing_provisioned_mean_the_vm_was_not_running(tmp_path):
+    off = [bb_row(T0 + 300 * i, cores=0, cap=0.0, cpu=0.0, mem=0.0, mem_cap=0.0) for i in range(5, 25)]
+    write_bb(tmp_path / "1.csv", steady(5) + off + [bb_row(T0 + 300 * i) for i in range(25, 30)])
+    tr = load_trace(tmp_path)
+    assert np.isnan(tr.demand[5:25, 0]).all()  # every resource unknown, not a measured zero
+    assert not np.isnan(tr.demand[:5, 0, :2]).any() and not np.isnan(tr.demand[25:, 0, :2]).any()
+    assert any("20 rows" in n and "not running" in n for n in tr.notes)
+    # on the simulated host the VM is absent meanwhile and comes back as a new VM
+    host = SimHost(tr)
+    seen = [host.observe().vms.n for _ in range(tr.n_periods)]
+    assert seen[:5] == [1] * 5 and seen[5:25] == [0] * 20 and seen[25:] == [1] * 5
 
 
 def test_cpu_above_capacity_clipped_to_vcpus(tmp_path):
@@ -421,7 +435,11 @@ def test_shipped_sample():
     assert tr.source_format == "bitbrains"
     assert tr.vm_ids == [str(i) for i in range(1, 25)]
     assert abs(tr.n_periods - 2016) <= 1
-    assert not np.isnan(tr.demand[:, :, MEMORY]).any()
+    # VM 20 was not running for most of the week (nothing provisioned): no data then, ...
+    off = np.isnan(tr.demand).all(axis=2)
+    assert off[:, 19].mean() > 0.9 and not off[:, np.arange(24) != 19].any()
+    # ... and wherever a VM ran, its memory is known
+    assert not np.isnan(tr.demand[:, :, MEMORY][~off]).any()
     assert (sample_trace_path() / "README.md").is_file()
 
 
