@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--overcommit", default="1.5,2,3")
     ap.add_argument("--slices", default="all", help="'all' or a comma list of slice numbers (0-based)")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--model", default=None, help="predictor model TOML (default models/default.toml)")
     args = ap.parse_args()
     names = list(SLICES)
     chosen = names if args.slices == "all" else [names[int(i)] for i in args.slices.split(",")]
@@ -56,7 +57,7 @@ def main() -> None:
         off, vms, start, days = SLICES[label]
         trace = load(vms=vms, vm_offset=off, days=days, start_day=start)
         for oc in (float(x) for x in args.overcommit.split(",")):
-            res = simulate(trace, args.policies.split(","), SimSettings(overcommit=oc))
+            res = simulate(trace, args.policies.split(","), SimSettings(overcommit=oc, model=args.model))
             print(f"\n== {label}, overcommit {oc}")
             print(f"{'policy':14s} {'cpu sat':>8s} {'cpu w-o':>8s} {'mem sat':>8s} {'mem w-o':>8s} {'mem viol':>8s} "
                   f"{'breach':>7s} {'bal/VMh':>8s} {'pin/VMh':>8s}")

@@ -462,6 +462,7 @@ def model_text(res: FitResult, summ: dict, args: argparse.Namespace, d: HistoryD
         f"#   {args.rounds} rounds) on " + (f"the first {1 - args.holdout:.0%} of each VM's series" if args.holdout
                                              else "all of each VM's series") + "; the other parameters are the "
         "base model's.",
+        "# what each key means: rescoin/predict.py, PredictorParams.",
     ]
     lines.append("#")
     if args.holdout:
