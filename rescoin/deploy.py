@@ -385,6 +385,10 @@ class _Guest:
         except OSError as e:
             raise HostFailure(f"cannot connect to {t.host} port {t.port}: {e.strerror or e}") from None
         except paramiko.SSHException as e:
+            if "No authentication methods available" in str(e):
+                raise HostFailure(f"authentication failed as {t.user}: no key to offer (no --key, the ssh-agent "
+                                  "holds none and no ~/.ssh/id_* key was usable); give --key PATH or ssh-add "
+                                  "your key") from None
             raise HostFailure(f"SSH error with {t.host} port {t.port}: {e}") from None
         if getattr(policy, "recorded", ""):
             self.notes.append(policy.recorded)

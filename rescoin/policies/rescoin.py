@@ -47,7 +47,8 @@ class RescoinPolicy:
     keep_entitled: float = 1.0  # what is left goes first toward this share of each VM's entitlement
     cap_disk: bool = False  # optionally cap disk throughput too (setBlockIoTune), under contention
     cap_net: bool = True  # net is scheduled as a capped resource ...
-    cap_above: float = 0.8  # ... once forecast net demand passes this share of the link
+    cap_above: float = 0.8  # ... once forecast net demand passes this share of the link ...
+    starved: float = 0.05  # ... and some VM below its entitlement shows this much unmet demand
 
     def allocate(self, inp: PolicyInput) -> Allocation:
         cap = inp.capacity
@@ -63,12 +64,21 @@ class RescoinPolicy:
         room = np.maximum(fillnan(cap, 0.0) - base.sum(axis=0), 0.0)
         extra = water_fill_columns(excess, weight, room)
         alloc = top_up(base + extra, fillnan(cap, 0.0), tc, inp.obs.vms.sizes, self.keep_entitled)
+        # Caps are not work-conserving: a capped VM cannot burst into bandwidth others
+        # leave idle. So cap only when the link is forecast to be contended *and* some
+        # VM is seen short while below its entitlement, i.e. someone needs protecting.
+        contended = est.sum(axis=0) > self.cap_above * fillnan(cap, 0.0)
         caps = np.zeros(N_RES, dtype=bool)
-        # caps only bind under contention: an idle link is no reason to throttle a burst
-        caps[NET] = self.cap_net and est[:, NET].sum() > self.cap_above * fillnan(cap, 0.0)[NET]
-        caps[DISK] = self.cap_disk and est[:, DISK].sum() > self.cap_above * fillnan(cap, 0.0)[DISK]
+        caps[NET] = self.cap_net and contended[NET] and self.starved_below_entitlement(inp, NET)
+        caps[DISK] = self.cap_disk and contended[DISK] and self.starved_below_entitlement(inp, DISK)
         caps &= managed(cap)
         return finish(alloc, cap, caps)
+
+    def starved_below_entitlement(self, inp: PolicyInput, r: int) -> bool:
+        """Does any VM using less than its entitlement of ``r`` show unmet demand?"""
+        signal = fillnan(inp.obs.signal[:, r], 0.0)
+        below = inp.used()[:, r] < 0.95 * fillnan(inp.entitlement[:, r], 0.0)
+        return bool(np.any((signal > self.starved) & below))
 
 
 @dataclass

@@ -246,6 +246,34 @@ def test_inventory_and_virtio_transport(guest, tmp_path, capsys):
     assert not guest.agent_key.exists()  # no key needed, none made
 
 
+def test_key_from_a_running_ssh_agent(guest, tmp_path, capsys, monkeypatch):
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.05)
+        env = dict(os.environ, SSH_AUTH_SOCK=str(sock))
+        subprocess.run(["ssh-add", str(guest.sshd.user_key)], env=env, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        args = guest.args()
+        i = args.index("--key")
+        del args[i:i + 2]  # no key file: only the ssh-agent holds the authorized key
+        rc, out = _deploy(capsys, args)
+        assert rc == 0, out
+        assert " installed 5 yes " in f" {_row(out, guest.target)} ", out
+        # and with the agent emptied, the same deploy is refused
+        subprocess.run(["ssh-add", "-D"], env=env, check=True, capture_output=True)
+        rc, out = _deploy(capsys, args)
+        row = _row(out, guest.target)
+        assert rc == 1 and "authentication failed as root: no key to offer" in row, out
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
 # -- refusals -------------------------------------------------------------------------------
 def test_wrong_user_key_is_refused(guest, tmp_path, capsys):
     stranger = _keygen(tmp_path / "id_stranger")

@@ -750,3 +750,26 @@ def test_kvmscheduling_placement_no_ping_pong_when_balanced(kit):
     inp = place_input(kit, [1, 1, 1, 1], 2, pins=start)
     pins, _ = KvmSchedulingPlacement().place(inp, np.array([0.5, 0.5, 0.4, 0.4]))
     np.testing.assert_array_equal(pins, start)
+
+
+def test_rescoin_caps_net_only_when_contended_and_someone_is_starved_below_entitlement(kit):
+    # two VMs with equal net sizes sharing a 100 KiB/s link
+    sizes = np.array([[1.0, 1024.0, NAN, 100.0], [1.0, 1024.0, NAN, 100.0]])
+    vms = kit.vms(2, sizes=sizes)
+    cap = np.array([2.0, 2048.0, NAN, 100.0])
+    hog = np.array([[0.1, 100.0, NAN, 90.0], [0.1, 100.0, NAN, 10.0]])
+    policy = make_policy("rescoin")
+    # the link is busy (forecasts near capacity) but nobody below its entitlement is short: no cap
+    calm = kit.input(vms, [hog] * 6, cap)
+    assert calm.estimate()[:, NET].sum() > policy.cap_above * cap[NET]
+    assert not policy.allocate(calm).caps[NET]
+    # VM 1 uses 10 (below its entitlement of 50) yet shows 50% unmet demand: the hog gets capped
+    sig = np.zeros((2, N_RES))
+    sig[1, NET] = 0.5
+    starved = kit.input(vms, [hog] * 6, cap, signals=[sig] * 6)
+    alloc = policy.allocate(starved)
+    assert alloc.caps[NET]  # (the guard keeps every cap at or above the VM's entitlement)
+    # the same starvation on an idle link (forecasts far below capacity) caps nothing
+    idle = np.array([[0.1, 100.0, NAN, 5.0], [0.1, 100.0, NAN, 5.0]])
+    quiet = kit.input(vms, [idle] * 6, cap, signals=[sig] * 6)
+    assert not policy.allocate(quiet).caps[NET]
