@@ -4,7 +4,8 @@ Policies propose; the guard enforces what must never happen: balloon targets
 below a guest's used memory plus a reserve, below its configured minimum or
 an absolute floor, above its maximum; the sum of targets above host memory;
 memory moving faster than a step limit (except growth for a starving guest);
-changes smaller than a dead-band; reclaiming from a VM that just appeared.
+changes smaller than a dead-band; reclaiming from a VM that just appeared;
+a CPU weight (shares) or a net/disk cap below the VM's entitlement.
 """
 from __future__ import annotations
 
@@ -171,7 +172,10 @@ class Guard:
         changed: dict[str, np.ndarray] = {}
 
         cpu = amount[:, CPU]
-        shares = np.clip(np.round(cpu * 1024.0), SHARES_MIN, SHARES_MAX)
+        # shares are relative weights: one below the VM's entitlement would let others'
+        # larger weights push it under min(demand, entitlement) when the host is busy
+        weight = cpu if entitlement is None else np.maximum(cpu, fillnan(entitlement[:, CPU], 0.0))
+        shares = np.clip(np.round(weight * 1024.0), SHARES_MIN, SHARES_MAX)
         new.shares = np.where(np.isnan(cpu), cur.shares, shares)
         changed["shares"] = ~np.isnan(cpu) & _relative_change(new.shares, cur.shares, c.weight_deadband)
         new.shares = np.where(changed["shares"], new.shares, cur.shares)
@@ -192,7 +196,9 @@ class Guard:
             changed["balloon"] = np.abs(new.balloon - cur_b) > 0.5
             new.balloon = np.where(changed["balloon"], new.balloon, cur.balloon)
 
-        blkio = blkio_weights(amount[:, DISK])
+        disk_w = amount[:, DISK] if entitlement is None else np.maximum(amount[:, DISK],
+                                                                         fillnan(entitlement[:, DISK], 0.0))
+        blkio = blkio_weights(disk_w)  # relative weights too: never below the entitlement's
         new.blkio = np.where(np.isnan(blkio), cur.blkio, blkio)
         changed["blkio"] = ~np.isnan(blkio) & _relative_change(new.blkio, cur.blkio, c.weight_deadband)
         new.blkio = np.where(changed["blkio"], new.blkio, cur.blkio)

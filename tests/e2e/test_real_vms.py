@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -179,8 +180,9 @@ def test_busy_vcpus_apart_and_shares_follow_allocation(conn, vms, daemon):
         recent = cpu[cpu.ts >= sorted(cpu.ts.unique())[-3]]  # the shares in force were decided in one of these
         if set(vms) - set(recent.vm_name):
             return None
-        # cpu_shares = 1024 x allocated cores, within the guard's 10% dead-band
-        follow = all(((recent[recent.vm_name == n].allocation * 1024 - shares[n]).abs() <= 0.1 * shares[n] + 2).any()
+        # cpu_shares = 1024 x allocated cores (never below the entitlement), within the 10% dead-band
+        weight = recent[["allocation", "entitlement"]].max(axis=1)
+        follow = all(((weight[recent.vm_name == n] * 1024 - shares[n]).abs() <= 0.1 * shares[n] + 2).any()
                      for n in vms)
         busier = all(shares[b] > shares[NAMES[3]] for b in NAMES[1:3])
         return shares if follow and busier else None
@@ -200,7 +202,8 @@ def test_disk_writer_gets_the_blkio_weight_its_allocation_implies(conn, vms, dae
         if set(vms) - set(last.index) or last.allocation.isna().any():
             return None
         # the allocation decided in the last period, as the guard turns it into weights
-        want = dict(zip(last.index, blkio_weights(last.allocation.to_numpy())))
+        weight = np.maximum(last.allocation.to_numpy(), last.entitlement.fillna(0.0).to_numpy())
+        want = dict(zip(last.index, blkio_weights(weight)))
         have = {n: dom(conn, n).blkioParameters()["weight"] for n in vms}
         close = all(abs(have[n] - want[n]) <= 0.1 * want[n] + 1 for n in vms)  # within the guard's dead-band
         return (have, want) if close and have[NAMES[1]] > have[NAMES[3]] else None

@@ -222,6 +222,17 @@ def test_shares_proportional_to_cpu_allocation(kit):
     np.testing.assert_allclose(s, cpu * 1024.0, atol=0.5)  # cgroup v1 scale: 1024 per core
 
 
+def test_shares_never_below_the_entitlement(kit):
+    # VM 0 is forecast idle (0.1 core) but entitled to 2 cores; VM 1 is forecast to want 6
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2, cpu=[0.1, 6.0])
+    ent = np.full((2, N_RES), NAN)
+    ent[:, CPU] = [2.0, 2.0]
+    plan = Guard().plan(alloc, obs, cap, ent)
+    np.testing.assert_allclose(plan.controls.shares, [2048.0, 6144.0])
+    # without an entitlement (direct guard use) the allocation alone sets them
+    np.testing.assert_allclose(Guard().plan(alloc, obs, cap).controls.shares, [102.0, 6144.0])
+
+
 def test_shares_clipped_to_kernel_range(kit):
     alloc, obs, cap = setup(kit, [2048.0] * 2, [2048.0] * 2, [100.0] * 2, cpu=[0.0, 1e6])
     plan = Guard().plan(alloc, obs, cap)
