@@ -8,6 +8,7 @@ indices across steps (History realigns them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -33,9 +34,12 @@ class VMSet:
     def n(self) -> int:
         return int(self.uuids.shape[0])
 
-    @property
+    @cached_property
     def vcpus(self) -> np.ndarray:
-        return fillnan(self.sizes[:, 0], 1.0).astype(np.intp).clip(min=1)
+        """vCPUs per VM (read-only: computed once per VMSet, which is immutable)."""
+        v = fillnan(self.sizes[:, 0], 1.0).astype(np.intp).clip(min=1)
+        v.flags.writeable = False
+        return v
 
     def vcpu_owner(self) -> np.ndarray:
         """Row index of the VM that owns each vCPU, VMs' vCPUs contiguous."""

@@ -74,6 +74,9 @@ def water_fill(
         g = np.asarray(group, dtype=np.intp)
         cap = np.asarray(capacity, dtype=float)
     cap = np.maximum(fillnan(cap, 0.0), 0.0)
+    total = d.sum() if group is None else np.bincount(g, weights=d, minlength=cap.shape[0])[:cap.shape[0]]
+    if np.all(total <= cap):
+        return d  # every demand fits: nothing to share out (the common, uncontended case)
     grant = np.zeros_like(d)
     pos = w > 0
     if pos.any():
@@ -93,11 +96,15 @@ def water_fill_columns(demand: np.ndarray, weight: np.ndarray, capacity: np.ndar
     less" settle it with whole-array operations; if not, the exact sorted
     algorithm finishes from where the rounds left off.
     """
-    d = np.maximum(fillnan(demand, 0.0), 0.0)
-    w = np.maximum(fillnan(weight, 0.0), 0.0)
-    cap = np.maximum(fillnan(capacity, 0.0), 0.0)
+    # NaN > 0 is False: one pass turns NaN and negatives into 0 (this runs several times a step)
+    d = np.asarray(demand, dtype=float)
+    d = np.where(d > 0, d, 0.0)
+    cap = np.asarray(capacity, dtype=float)
+    cap = np.where(cap > 0, cap, 0.0)
     if (d.sum(axis=0) <= cap).all():
         return d
+    w = np.asarray(weight, dtype=float)
+    w = np.where(w > 0, w, 0.0)
     if not (w > 0).all():
         return _sorted_columns(d, w, cap)
     grant = np.zeros_like(d)
