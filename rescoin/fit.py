@@ -487,17 +487,17 @@ def model_text(res: FitResult, summ: dict, args: argparse.Namespace, d: HistoryD
         lines.append(f"[{r.label}]")
         lines += _table(res.fitted[r])
         lines.append("")
+    if res.per_vm:
+        lines += per_vm_lines(res, s)
     return "\n".join(lines)
 
 
-def per_vm_text(res: FitResult, s: Series, args: argparse.Namespace, w_under: float) -> str:
+def per_vm_lines(res: FitResult, s: Series) -> list[str]:
+    """``[vm."UUID".resource]`` tables: VMs with their own parameters (run and simulate use them)."""
     names = {str(u): str(n) for u, n in zip(s.uuids, s.names)}
     lines = [
-        "# Per-VM predictor parameters fitted by `rescoin fit --per-vm`. INFORMATIONAL for now: rescoin run and",
-        "# simulate read one parameter set per resource (the model file next to this one); they do not read",
-        f"# this file. Only VMs with at least {PER_VM_DAYS:g} days of samples in the fitted part are listed.",
-        f"# command: {command_line(args)}",
-        f"# made: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; loss weights under-estimation x{w_under}.",
+        f"# Per-VM parameters (--per-vm): VMs with at least {PER_VM_DAYS:g} days of samples in the fitted part,",
+        "# by UUID; a VM listed here uses these instead of the tables above for the keys given.",
         "",
     ]
     for u, per in res.per_vm.items():
@@ -508,13 +508,7 @@ def per_vm_text(res: FitResult, s: Series, args: argparse.Namespace, w_under: fl
                          "per-resource parameters")
             lines += [f"{n} = {_toml_value(float(getattr(p, n)))}" for n in FITTED]
             lines.append("")
-    return "\n".join(lines)
-
-
-def per_vm_path(output: str | Path) -> Path:
-    out = Path(output)
-    stem = out.name.removesuffix(".toml")
-    return out.with_name(stem + ".per-vm.toml")
+    return lines
 
 
 # -- command -------------------------------------------------------------------------------------
@@ -685,10 +679,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UserError(f"{out_path}: the written model does not load: {e}") from None
     out.print(f"wrote {out_path} (loads with rescoin run --model {out_path})", highlight=False)
     if args.per_vm:
-        pv = per_vm_path(out_path)
-        pv.write_text(per_vm_text(res, s, args, args.under_weight), encoding="utf-8")
-        out.print(f"wrote {pv}: per-VM parameters of {len(res.per_vm)} VMs (informational; not read by run)",
-                  highlight=False)
+        out.print(f'  with per-VM parameters for {len(res.per_vm)} VMs ([vm."UUID".resource] tables)',
+                  highlight=False, markup=False)
     return 0
 
 
@@ -712,8 +704,8 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=_fraction, default=0.25, metavar="FRACTION",
                    help="share of each VM's series held back for the check (default 0.25; 0 = fit on all)")
     p.add_argument("--per-vm", action="store_true",
-                   help=f"also fit per-VM parameters (VMs with >= {PER_VM_DAYS:g} days of samples) into "
-                        "NAME.per-vm.toml next to the output; informational for now: run and simulate do not read it")
+                   help=f"also fit per-VM parameters (VMs with >= {PER_VM_DAYS:g} days of samples), written "
+                        "into the model as [vm.\"UUID\".resource] tables that run and simulate use for those VMs")
     p.add_argument("--rounds", type=_rounds, default=2, help="rounds of the coordinate search (default 2)")
     p.add_argument("--name", default=None, help="model name in the file (default: the output file's stem)")
     p.add_argument("--comment", action="append", metavar="TEXT",

@@ -91,22 +91,50 @@ class PaddedEWMA:
     plain EWMA of the ResCoin prototype.
     """
 
-    def __init__(self, params: dict[Resource, PredictorParams], name: str = "fusd") -> None:
+    #: array attribute -> parameter; per-resource ``(N_RES,)`` columns (the fit sets ``(rows, N_RES)`` ones)
+    _ARRAYS = {"_up": "alpha_up", "_down": "alpha_down", "_pad_err": "pad_error", "_pad_std": "pad_std",
+               "_beta": "pad_beta", "_pad_frac": "pad_frac", "_growth": "growth", "_thr": "threshold",
+               "_hold": "hold_last", "_max_growth": "max_growth"}
+
+    def __init__(self, params: dict[Resource, PredictorParams], name: str = "fusd",
+                 per_vm: dict[str, dict[Resource, PredictorParams]] | None = None) -> None:
         self.name = name
         self.params = {r: params.get(r, PredictorParams()) for r in RESOURCES}
         for r, p in self.params.items():
             p.check(f"{name}.{r.label}")
-        col = lambda attr: np.array([getattr(self.params[r], attr) for r in RESOURCES], dtype=float)  # noqa: E731
-        self._up, self._down = col("alpha_up"), col("alpha_down")
-        self._pad_err, self._pad_std, self._beta = col("pad_error"), col("pad_std"), col("pad_beta")
-        self._pad_frac = col("pad_frac")
-        self._growth, self._thr, self._hold = col("growth"), col("threshold"), col("hold_last")
-        self._max_growth = col("max_growth")
+        # per-VM parameters (keyed by UUID or name), e.g. from `rescoin fit --per-vm`; the season stays global
+        self.per_vm = {str(k): dict(v) for k, v in (per_vm or {}).items()}
+        for key, table in self.per_vm.items():
+            for r, p in table.items():
+                p.check(f"{name}.vm.{key}.{r.label}")
+                if p.season != self.params[r].season:
+                    raise ValueError(f"{name}.vm.{key}.{r.label}.season: the season cannot differ per VM")
+        self._rows_for: tuple = (None, None)
+        for attr, param in self._ARRAYS.items():
+            setattr(self, attr, np.array([getattr(self.params[r], param) for r in RESOURCES], dtype=float))
         self._season = int(max(p.season for p in self.params.values()))
         self._seasonal = np.array([self.params[r].season > 0 for r in RESOURCES])
         self._key = f"predict.{name}."
 
+    def _per_row(self, history: History) -> dict[str, np.ndarray]:
+        """This period's parameter arrays: the columns, or rows where a VM has its own parameters."""
+        cols = {attr: getattr(self, attr) for attr in self._ARRAYS}
+        vms = history.vms
+        if not self.per_vm or vms is None:
+            return cols
+        if self._rows_for[0] is vms:
+            return self._rows_for[1]
+        rows = {attr: np.broadcast_to(c, (vms.n, N_RES)).copy() for attr, c in cols.items()}
+        for i, (uuid, name) in enumerate(zip(vms.uuids.tolist(), vms.names.tolist())):
+            own = self.per_vm.get(uuid) or self.per_vm.get(name) or {}
+            for r, params in own.items():
+                for attr, param in self._ARRAYS.items():
+                    rows[attr][i, int(r)] = getattr(params, param)
+        self._rows_for = (vms, rows)
+        return rows
+
     def predict(self, history: History) -> Forecast:
+        p = self._per_row(history)
         x = history.latest("usage")
         sig = history.latest("signal")
         level = history.state(self._key + "level")
@@ -119,33 +147,33 @@ class PaddedEWMA:
         fresh = seen & np.isnan(level)
         level[fresh] = x[fresh]
         dev = np.where(seen, x - level, 0.0)
-        alpha = np.where(dev > 0, self._up, self._down)
+        alpha = np.where(dev > 0, p["_up"], p["_down"])
         # trackers see the deviation before the level moves
         under = np.where(seen & ~np.isnan(prev_value), np.maximum(x - prev_value, 0.0), 0.0)
-        err += self._beta * (under - err)
-        var += self._beta * (dev * dev - var)
+        err += p["_beta"] * (under - err)
+        var += p["_beta"] * (dev * dev - var)
         level += alpha * dev
 
         # grow only where the allocation is what holds the VM back (usage at it, or unknown):
         # pressure from a contended host does not go away by asking for more
         alloc = history.latest("allocation")
         bound = ~(x < 0.9 * alloc)  # NaN (unknown) counts as bound
-        on = (fillnan(sig, 0.0) > self._thr) & bound
-        grown = np.minimum(corr * self._growth, self._max_growth)
+        on = (fillnan(sig, 0.0) > p["_thr"]) & bound
+        grown = np.minimum(corr * p["_growth"], p["_max_growth"])
         relaxed = np.maximum(1.0, np.sqrt(corr))
         corr[...] = np.where(on, grown, relaxed)
 
-        pad = np.maximum(self._pad_err * err, self._pad_std * np.sqrt(var))
+        pad = np.maximum(p["_pad_err"] * err, p["_pad_std"] * np.sqrt(var))
         point = level.copy()
-        held = level + self._hold * np.maximum(np.where(seen, x, level) - level, 0.0)
-        value = held * corr * (1.0 + self._pad_frac) + pad
+        held = level + p["_hold"] * np.maximum(np.where(seen, x, level) - level, 0.0)
+        value = held * corr * (1.0 + p["_pad_frac"]) + pad
         if self._season:
-            value = self._seasonal_floor(history, x, value)
+            value = self._seasonal_floor(history, x, value, p["_pad_frac"])
         prev_value[...] = value
         return Forecast(point=point, value=value)
 
-
-    def _seasonal_floor(self, history: History, x: np.ndarray, value: np.ndarray) -> np.ndarray:
+    def _seasonal_floor(self, history: History, x: np.ndarray, value: np.ndarray,
+                        pad_frac: np.ndarray) -> np.ndarray:
         """Business workloads repeat daily: what a VM used one season ago, next period, is a floor."""
         ring = history.state(self._key + "season", shape=(self._season, N_RES))
         t = history.t - 1
@@ -153,7 +181,7 @@ class PaddedEWMA:
         near = ring[:, [(t + k) % self._season for k in (0, 1, 2)]]
         ahead = np.where(np.isnan(near).all(axis=1), np.nan, np.nanmax(np.where(np.isnan(near), -np.inf, near), axis=1))
         ring[:, t % self._season] = x
-        floor = np.where(self._seasonal & ~np.isnan(ahead), ahead * (1.0 + self._pad_frac), -np.inf)
+        floor = np.where(self._seasonal & ~np.isnan(ahead), ahead * (1.0 + pad_frac), -np.inf)
         return np.maximum(value, floor)
 
 
@@ -171,26 +199,40 @@ def load_model(path: str | Path) -> PaddedEWMA:
         raise ValueError(f"{path}: model file not found; see models/ for the shipped ones") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML: {e}") from None
+    params = _resource_tables(path, {k: v for k, v in data.items() if k not in ("name", "about", "source", "vm")},
+                              {}, "")
+    vm = data.get("vm", {})
+    if not isinstance(vm, dict) or not all(isinstance(t, dict) for t in vm.values()):
+        raise ValueError(f'{path}: vm must hold tables like [vm."<uuid or name>".memory]')
+    base = {r: params.get(r, PredictorParams()) for r in RESOURCES}
+    per_vm = {str(key): _resource_tables(path, tables, base, f'vm."{key}".') for key, tables in vm.items()}
+    name = str(data.get("name", path.stem))
+    try:
+        return PaddedEWMA(params, name, per_vm=per_vm)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _resource_tables(path: Path, tables: dict, base: dict[Resource, PredictorParams],
+                     prefix: str) -> dict[Resource, PredictorParams]:
+    """``{"cpu": {...}, ...}`` -> parameters per resource, each starting from ``base`` (or the defaults)."""
     known = {f.name for f in fields(PredictorParams)}
-    params: dict[Resource, PredictorParams] = {}
-    for key, table in data.items():
-        if key in ("name", "about", "source"):
-            continue
+    out: dict[Resource, PredictorParams] = {}
+    for key, table in tables.items():
         try:
             r = Resource.parse(key)
         except ValueError as e:
-            raise ValueError(f"{path}: [{key}]: {e}") from None
+            raise ValueError(f"{path}: [{prefix}{key}]: {e}") from None
         if not isinstance(table, dict):
-            raise ValueError(f"{path}: {key} must be a table of parameters")
+            raise ValueError(f"{path}: {prefix}{key} must be a table of parameters")
         bad = set(table) - known
         if bad:
-            raise ValueError(f"{path}: [{key}] unknown parameter(s) {sorted(bad)}; allowed: {sorted(known)}")
-        params[r] = replace(PredictorParams(), **table)
-    name = str(data.get("name", path.stem))
-    try:
-        return PaddedEWMA(params, name)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+            raise ValueError(f"{path}: [{prefix}{key}] unknown parameter(s) {sorted(bad)}; allowed: {sorted(known)}")
+        try:
+            out[r] = replace(base.get(r, PredictorParams()), **table)
+        except TypeError as e:
+            raise ValueError(f"{path}: [{prefix}{key}]: {e}") from None
+    return out
 
 
 def default_predictor() -> PaddedEWMA:

@@ -18,13 +18,12 @@ from rescoin.fit import (
     fit,
     main,
     parts,
-    per_vm_path,
     replay,
 )
 from rescoin.history import History
 from rescoin.historycsv import HistoryWriter
 from rescoin.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
-from rescoin.resources import CPU, MEMORY, N_RES, RESOURCES
+from rescoin.resources import CPU, MEMORY, N_RES, RESOURCES, Resource
 
 PLAIN = PredictorParams(alpha_up=0.9, alpha_down=0.9, hold_last=0.0, growth=1.0)
 
@@ -166,12 +165,14 @@ def test_fit_command_writes_a_model_that_loads(tmp_path, kit, capsys):
     for r in RESOURCES:
         assert set(data[r.label]) == set(PredictorParams.__dataclass_fields__)
     assert data["memory"]["season"] == 288 and data["cpu"]["growth"] == 1.5  # kept from the base model
-    pv = per_vm_path(out)
-    assert pv.name == "fitted.per-vm.toml"
-    per = tomllib.loads(pv.read_text())
-    assert set(per["vm"]) == {f"uuid-{i}" for i in range(3)}  # 80 h, 60 fitted: over 2 days each
-    assert set(per["vm"]["uuid-0"]["cpu"]) == {"alpha_up", "alpha_down", "pad_error", "pad_std", "pad_frac"}
-    assert "INFORMATIONAL" in pv.read_text()
+    assert set(data["vm"]) == {f"uuid-{i}" for i in range(3)}  # 80 h, 60 fitted: over 2 days each
+    assert set(data["vm"]["uuid-0"]["cpu"]) == {"alpha_up", "alpha_down", "pad_error", "pad_std", "pad_frac"}
+    # the predictor run and simulate build from the file has those VMs' own parameters
+    assert set(model.per_vm) == {f"uuid-{i}" for i in range(3)}
+    own = model.per_vm["uuid-0"][Resource.CPU]
+    assert own.alpha_up == data["vm"]["uuid-0"]["cpu"]["alpha_up"]
+    assert own.growth == data["cpu"]["growth"]  # keys the VM table leaves out come from [cpu]
+    assert not any(out.parent.glob("*.per-vm.toml"))
 
 
 def test_fit_check_scores_a_model_on_other_history(tmp_path, kit, capsys):

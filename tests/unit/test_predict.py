@@ -292,3 +292,36 @@ def test_load_model_partial_file_keeps_defaults(tmp_path):
     assert p.name == "mine"
     assert p.params[Resource.NET].growth == 2.0
     assert p.params[Resource.CPU] == PredictorParams()
+
+
+def test_model_file_per_vm_tables_apply_to_those_vms_only(kit, tmp_path):
+    # uuid-1 (by UUID) and the VM named name-uuid-2 (by name) follow jumps at once; uuid-0 keeps the slow default
+    model = tmp_path / "m.toml"
+    model.write_text(
+        '[cpu]\nalpha_up = 0.1\nalpha_down = 0.1\n'
+        '[vm."uuid-1".cpu]\nalpha_up = 1.0\n'
+        '[vm."name-uuid-2".cpu]\nalpha_up = 1.0\n'
+        '[vm."some-other-vm".cpu]\nalpha_up = 0.5\n'  # a VM not on this host: ignored
+    )
+    p = load_model(model)
+    fcs = run(kit, p, column([1.0, 5.0], n=3))
+    np.testing.assert_allclose(fcs[-1].point[:, CPU], [1.4, 5.0, 5.0])
+    assert p.per_vm["uuid-1"][Resource.CPU].alpha_down == 0.1  # unlisted keys come from [cpu]
+    # a VM set that changes between periods gets its rows rebuilt
+    again = run(kit, p, column([1.0, 5.0], n=2), uuids=["uuid-1", "uuid-9"])
+    np.testing.assert_allclose(again[-1].point[:, CPU], [5.0, 1.4])
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[vm."a".cpu]\nalpha_up = 2.0\n', "vm.a.cpu.alpha_up"),
+    ('[vm."a".cpu]\nnope = 1\n', "unknown parameter"),
+    ('[vm."a".memory]\nseason = 12\n', "cannot differ per VM"),
+    ('vm = 3\n', 'vm must hold tables'),
+    ('[vm."a".disc]\nalpha_up = 0.5\n', 'vm."a".disc'),
+])
+def test_model_file_bad_per_vm_table_names_it(tmp_path, text, words):
+    model = tmp_path / "m.toml"
+    model.write_text(text)
+    with pytest.raises(ValueError, match="m.toml") as e:
+        load_model(model)
+    assert words in str(e.value)
