@@ -31,6 +31,8 @@ def progress(console: Console | None = None, transient: bool = False) -> Progres
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
+    if v != 0 and abs(v) < 5e-5:
+        return f"{v:.0e}"  # a rare event (one breach in 100,000 VM-periods) must not print as 0.0000
     return f"{v:.4f}" if abs(v) <= 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
 
 

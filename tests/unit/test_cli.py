@@ -91,6 +91,14 @@ def test_simulate_table(capsys):
     assert "static" in out and "satisf" in out.lower() and "cpu" in out
 
 
+@pytest.mark.parametrize("value, text", [(0.0, "0.0000"), (3.9e-5, "4e-05"), (0.25, "0.2500"), (1.62, "1.62"),
+                                         (250.0, "250"), (None, "-"), (float("nan"), "-")])
+def test_table_numbers_never_hide_a_rare_event(value, text):
+    from rescoin.view import _fmt
+
+    assert _fmt(value) == text
+
+
 def test_simulate_unknown_policy(capsys):
     code = main(["simulate", "--trace", str(PLANETLAB), "--format", "json", "--policies", "rescoin,bogus"])
     assert code == 2
