@@ -114,6 +114,7 @@ class _Samples:
     sizes: np.ndarray  # (n_vms, N_RES)
     notes: list[str]
     start_day: float = 0.0  # days still to skip once on the grid
+    off: np.ndarray | None = None  # (n,) samples saying the VM was not running: no gap filling over them
 
 
 # --------------------------------------------------------------------------- public API
@@ -404,8 +405,8 @@ def _mode_positive(x: np.ndarray) -> float:
     return float(vals[np.argmax(counts)])
 
 
-def _read_bitbrains_vm(p: Path, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One VM file -> (timestamps, values (n, N_RES), sizes (N_RES,))."""
+def _read_bitbrains_vm(p: Path, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One VM file -> (timestamps, values (n, N_RES), sizes (N_RES,), not-running rows (n,))."""
     df = _read_csv(p, sep=";", skipinitialspace=True)
     cols = _bitbrains_columns(df, p)
     raw = {role: _numeric(df, c, p, 2, _BB_COLUMNS[role]) for role, c in cols.items()}
@@ -437,7 +438,7 @@ def _read_bitbrains_vm(p: Path, counts: dict[str, int]) -> tuple[np.ndarray, np.
     sizes = np.full(N_RES, np.nan)
     sizes[CPU] = _mode_positive(cores)
     sizes[MEMORY] = mem_cap.max() / 1024.0 if mem_cap.size else np.nan
-    return ts, values, sizes
+    return ts, values, sizes, off
 
 
 def _load_bitbrains(
@@ -451,10 +452,11 @@ def _load_bitbrains(
     by_id, label = _bitbrains_files(root)
     ids = _pick(sorted(by_id, key=_natural_key), vms, vm_offset, root)
     counts = {"negative": 0, "no_capacity": 0, "not_running": 0, "clipped_cpu": 0}
-    parts_ts, parts_vm, parts_val = [], [], []
+    parts_ts, parts_vm, parts_val, parts_off = [], [], [], []
     sizes = np.full((len(ids), N_RES), np.nan)
     for i, vm_id in enumerate(ids):
-        ts, values, sizes[i] = _read_bitbrains_vm(by_id[vm_id], counts)
+        ts, values, sizes[i], off = _read_bitbrains_vm(by_id[vm_id], counts)
+        parts_off.append(off)
         parts_ts.append(ts)
         parts_vm.append(np.full(ts.size, i, dtype=np.int64))
         parts_val.append(values)
@@ -482,7 +484,7 @@ def _load_bitbrains(
     if counts["negative"]:
         notes.append(f"clipped {counts['negative']} negative values to 0")
     vm, values = np.concatenate(parts_vm), np.concatenate(parts_val)
-    return _Samples("bitbrains", label, ids, vm, ts, values, sizes, notes, start_day)
+    return _Samples("bitbrains", label, ids, vm, ts, values, sizes, notes, start_day, np.concatenate(parts_off))
 
 
 # --------------------------------------------------------------------------- PlanetLab
@@ -753,6 +755,7 @@ def _resample(
     n_vms = len(s.vm_ids)
     ok = np.isfinite(s.ts)
     ts, vm, values = s.ts[ok], s.vm[ok], s.values[ok]
+    off = np.zeros(ts.size, dtype=bool) if s.off is None else s.off[ok]
     if ts.size == 0:
         raise TraceError(f"{where}: the selected VMs have no samples")
     start = float(np.floor(ts.min() / PERIOD) * PERIOD)
@@ -762,7 +765,7 @@ def _resample(
     lo = max(0, first - MAX_FILL - 1)
     hi = last + MAX_FILL + 1
     keep = (cell >= lo) & (cell < hi)
-    cell, vm, values = cell[keep] - lo, vm[keep], values[keep]
+    cell, vm, values, off = cell[keep] - lo, vm[keep], values[keep], off[keep]
     n_cells = int(cell.max()) + 1 if cell.size else 0
     if n_cells * n_vms * N_RES * 8 > MAX_GRID_BYTES:
         raise TraceError(
@@ -782,7 +785,12 @@ def _resample(
     if shared:
         notes.append(f"averaged {shared} samples that shared a 5-minute cell with another")
 
+    # a cell where the VM said "not running" and nothing else is no gap: it stays empty
+    stopped = np.bincount(flat[off], minlength=size) > 0
+    running = np.bincount(flat[~off], minlength=size) > 0
     demand, filled = _fill_gaps(demand.reshape(n_cells, n_vms, N_RES))
+    demand = np.ascontiguousarray(demand)  # so that the reshape below is a view
+    demand.reshape(size, N_RES)[stopped & ~running] = np.nan
     notes += filled
     out = np.full((last - first, n_vms, N_RES), np.nan)
     got = demand[first - lo : last - lo]

@@ -148,6 +148,19 @@ def test_rows_with_nothing_provisioned_mean_the_vm_was_not_running(tmp_path):
     assert seen[:5] == [1] * 5 and seen[5:25] == [0] * 20 and seen[25:] == [1] * 5
 
 
+def test_a_short_stop_is_not_interpolated_over(tmp_path):
+    # 3 cells (15 min) not running between running samples: a gap that short would be interpolated
+    off = [bb_row(T0 + 300 * i, cores=0, cap=0.0, cpu=0.0, mem=0.0, mem_cap=0.0) for i in range(5, 8)]
+    write_bb(tmp_path / "1.csv", steady(5) + off + [bb_row(T0 + 300 * i) for i in range(8, 12)])
+    tr = load_trace(tmp_path)
+    assert np.isnan(tr.demand[5:8, 0]).all()
+    assert not np.isnan(tr.demand[:5, 0, :2]).any() and not np.isnan(tr.demand[8:, 0, :2]).any()
+    # whereas the same 3 cells simply missing from the file are a monitoring gap, filled in
+    write_bb(tmp_path / "2" / "1.csv", steady(5) + [bb_row(T0 + 300 * i) for i in range(8, 12)])
+    gap = load_trace(tmp_path / "2")
+    assert not np.isnan(gap.demand[5:8, 0, :2]).any()
+
+
 def test_cpu_above_capacity_clipped_to_vcpus(tmp_path):
     write_bb(tmp_path / "1.csv", [bb_row(T0, cpu=6000.0), bb_row(T0 + 300, cpu=1250.0)])
     tr = load_trace(tmp_path)
