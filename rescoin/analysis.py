@@ -953,20 +953,13 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_standalone(add_parser: Callable, argv: list[str] | None = None) -> int:
     """``python -m rescoin.<module>``: one sub-command, errors as ``rescoin: error: ...`` and exit 2."""
-    from .cli import UserError
+    from .cli import dispatch
 
     parser = argparse.ArgumentParser(prog="rescoin")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"rescoin: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return dispatch(parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,10 @@ class PaddedEWMA:
         vms = history.vms
         if not self.per_vm or vms is None:
             return cols
-        if self._rows_for[0] is vms:
+        last = self._rows_for[0]
+        # a real host builds a new VMSet each period: rebuild the rows only when the VMs changed
+        if last is not None and (last is vms or (np.array_equal(last.uuids, vms.uuids)
+                                                 and np.array_equal(last.names, vms.names))):
             return self._rows_for[1]
         rows = {attr: np.broadcast_to(c, (vms.n, N_RES)).copy() for attr, c in cols.items()}
         for i, (uuid, name) in enumerate(zip(vms.uuids.tolist(), vms.names.tolist())):

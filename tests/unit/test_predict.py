@@ -325,3 +325,18 @@ def test_model_file_bad_per_vm_table_names_it(tmp_path, text, words):
     with pytest.raises(ValueError, match="m.toml") as e:
         load_model(model)
     assert words in str(e.value)
+
+
+def test_per_vm_rows_are_reused_for_an_equal_vm_set_and_rebuilt_when_it_changes(kit, tmp_path):
+    model = tmp_path / "m.toml"
+    model.write_text('[cpu]\nalpha_up = 0.1\n[vm."uuid-1".cpu]\nalpha_up = 1.0\n')
+    p = load_model(model)
+    h = History(window=10)
+    cap = [8.0, 8192.0, 1000.0, 1000.0]
+    h.push(kit.obs(kit.vms(2), np.zeros((2, N_RES)), cap))
+    first = p._per_row(h)
+    h.push(kit.obs(kit.vms(2), np.zeros((2, N_RES)), cap))  # a new VMSet object, same VMs (as libvirt gives)
+    assert p._per_row(h) is first
+    h.push(kit.obs(kit.vms(2, uuids=["uuid-1", "uuid-0"]), np.zeros((2, N_RES)), cap))  # reordered
+    again = p._per_row(h)
+    assert again is not first and again["_up"][:, CPU].tolist() == [1.0, 0.1]
