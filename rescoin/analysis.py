@@ -685,28 +685,33 @@ def summary_line(result: dict) -> str:
             f"{result['start'] or '-'} .. {result['end'] or '-'}")
 
 
-def tables(result: dict):
-    """Two rich tables: metrics (a row per metric, a column per resource) and the per-VM table."""
-    from rich.table import Table
+def tables(result: dict, width: int | None = None) -> list:
+    """Rich tables that fit ``width``: metrics (a row per metric, a column per resource), then the VMs.
 
-    m = Table(title="per resource (history-based; see `rescoin analyze --help` for definitions)",
-              title_justify="left", header_style="bold")
-    m.add_column("metric")
-    for r in RESOURCES:
-        m.add_column(f"{r.label} ({UNITS[r]})", justify="right")
-    for name in RES_METRICS:
-        m.add_row(name, *[_fmt(result["resources"][r.label][name]) for r in RESOURCES])
-    v = Table(title=f"top {len(result['vm_table'])} VMs by pressure (means over the run; credit: latest, "
-                    "summed over resources)", title_justify="left", header_style="bold")
-    for col in ("VM", "cpu use", "cpu alloc", "mem use MiB", "mem alloc MiB", "pressure", "cpu press.",
-                "mem press.", "credit"):
-        v.add_column(col, justify="left" if col == "VM" else "right")
+    A resource with no usage in the history (memory, disk, net of a CPU-only
+    trace) gets no column; a table too wide is split (``view.fit_tables``).
+    """
+    from .view import COMPACT, Col, fit_tables
+
+    live = [r for r in RESOURCES if result["resources"][r.label].get("mean_usage") is not None] or list(RESOURCES)
+    cols = [Col("metric", "left")] + [Col(f"{r.label}\n{UNITS[r]}") for r in live]
+    rows = [[name] + [_fmt(result["resources"][r.label][name]) for r in live] for name in RES_METRICS]
+    out = fit_tables("per resource (history-based; see `rescoin analyze --help` for definitions)", cols, rows,
+                     width, **COMPACT)
+    mem = MEMORY in live
+    vcols = [Col("VM", "left"), Col("cpu use\ncores"), Col("cpu alloc\ncores")]
+    vcols += [Col("mem use\nMiB"), Col("mem alloc\nMiB")] if mem else []
+    vcols += [Col("pressure"), Col("cpu\npress.")] + ([Col("mem\npress.")] if mem else []) + [Col("credit")]
+    vrows = []
     for row in result["vm_table"]:
-        v.add_row(row["name"], _fmt(row["cpu_use"], 3), _fmt(row["cpu_alloc"], 3),
-                  _mib(row["memory_use"]), _mib(row["memory_alloc"]), _fmt(row["pressure"], 3),
-                  _fmt(row["cpu_pressure"], 3), _fmt(row["memory_pressure"], 3),
-                  "-" if row["credit"] is None else f"{row['credit']:+.3f}")
-    return m, v
+        mem_cells = [_mib(row["memory_use"]), _mib(row["memory_alloc"])] if mem else []
+        vrows.append([row["name"], _fmt(row["cpu_use"], 3), _fmt(row["cpu_alloc"], 3), *mem_cells,
+                      _fmt(row["pressure"], 3), _fmt(row["cpu_pressure"], 3),
+                      *([_fmt(row["memory_pressure"], 3)] if mem else []),
+                      "-" if row["credit"] is None else f"{row['credit']:+.3f}"])
+    out += fit_tables(f"top {len(result['vm_table'])} VMs by pressure (means over the run; credit: latest, "
+                      "summed over resources)", vcols, vrows, width, **COMPACT)
+    return out
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -919,7 +924,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(a.result, indent=1, allow_nan=False))
     else:
-        out = Console(width=None if sys.stdout.isatty() else 140)
+        out = Console()  # a pipe or a file gets 80 columns; the tables are built to fit
         out.print(summary_line(a.result), highlight=False)
         for t in tables(a.result):
             out.print(t)

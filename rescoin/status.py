@@ -19,7 +19,7 @@ import numpy as np
 
 from .policies.base import PolicyInput
 from .policies.rescoin import combined_credit, credits
-from .resources import RESOURCES
+from .resources import RESOURCES, UNITS
 
 log = logging.getLogger("rescoin.status")
 
@@ -135,34 +135,49 @@ def query(path: str | Path, timeout: float = 2.0) -> dict:
     return json.loads(buf)
 
 
-def render(snap: dict):
-    """The snapshot as rich renderables: a host line and a per-VM table."""
+def render(snap: dict, width: int | None = None):
+    """The snapshot as rich renderables that fit ``width`` (default: stdout's, 80 for a pipe).
+
+    A host line, forecast demand against capacity with units, the per-VM table
+    (units under the headers) and this period's actions as a table.
+    """
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
+
+    from .view import Col, fit_tables
 
     if snap.get("starting"):
         return Table(title="rescoin is starting: no period finished yet")
     host = snap["host"]
     cap, dem, cont = host["capacity"], host["forecast_demand"], host["contention"]
-    head = Table.grid(padding=(0, 2))
-    head.add_row(f"[bold]rescoin[/] {snap['policy']} on {snap['uri']}", f"period {snap['period']}",
-                 f"step {snap['step_ms']} ms", f"reserve {host['reserve_mib']:.0f} MiB")
-    res = Table.grid(padding=(0, 2))
-    res.add_row(*[f"{k}: {dem[k] or 0:.1f}/{cap[k] or 0:.0f}{' [red]CONTENDED[/]' if cont[k] else ''}"
-                  for k in cap])
-    t = Table(header_style="bold")
-    for col in ("VM", "cpu use", "cpu fc", "cpu alloc", "mem use", "mem fc", "balloon", "credit", "last actions",
-                "agent"):
-        t.add_column(col, justify="left" if col in ("VM", "last actions", "agent") else "right")
+    units = {r.label: UNITS[r] for r in RESOURCES}
+    head = (f"[bold]rescoin[/] {snap['policy']} on {snap['uri']}  period {snap['period']}  "
+            f"step {snap['step_ms']} ms  reserve {host['reserve_mib']:.0f} MiB")
+    res = "forecast demand / capacity:  " + "  ".join(
+        f"{k} {dem[k] or 0:.{1 if k == 'cpu' else 0}f}/{cap[k] or 0:.0f} {units.get(k, '')}"
+        f"{' [red]CONTENDED[/]' if cont[k] else ''}"
+        for k in cap)
+    cols = [Col("VM", "left"), Col("cpu use\ncores"), Col("cpu fc\ncores"), Col("cpu alloc\ncores"),
+            Col("mem use\nMiB"), Col("mem fc\nMiB"), Col("balloon\nMiB"), Col("credit"),
+            Col("last actions", "left", wrap=24), Col("agent", "left", wrap=24)]
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
-    for vm in sorted(snap["vms"], key=lambda v: -(v["usage"]["cpu"] or 0)):
-        t.add_row(vm["name"], f(vm["usage"]["cpu"]), f(vm["forecast"]["cpu"]), f(vm["allocation"]["cpu"]),
-                  f(vm["usage"]["memory"], "{:.0f}"), f(vm["forecast"]["memory"], "{:.0f}"),
-                  f(vm["balloon_mib"], "{:.0f}"), f(vm["credit"], "{:+.3f}"),
-                  ", ".join(vm["last_actions"]) or "-", vm["agent"])
-    failed = snap["actions"]["failed"]
-    foot = f"actions applied {snap['actions']['applied']}" + (f", [red]failed {failed}[/]" if failed else "")
-    return Group(head, res, t, foot)
+    rows = [[vm["name"], f(vm["usage"]["cpu"]), f(vm["forecast"]["cpu"]), f(vm["allocation"]["cpu"]),
+             f(vm["usage"]["memory"], "{:.0f}"), f(vm["forecast"]["memory"], "{:.0f}"),
+             f(vm["balloon_mib"], "{:.0f}"), f(vm["credit"], "{:+.3f}"),
+             ", ".join(vm["last_actions"]) or "-", vm["agent"]]
+            for vm in sorted(snap["vms"], key=lambda v: -(v["usage"]["cpu"] or 0))]
+    parts: list = [head, res, *fit_tables(None, cols, rows, width)]
+    acts = snap["actions"]
+    applied, failed = acts.get("applied") or {}, acts.get("failed") or {}
+    kinds = sorted(set(applied) | set(failed))
+    if kinds:
+        parts += fit_tables("actions this period", [Col("action", "left"), Col("applied"), Col("failed")],
+                            [[k, str(applied.get(k, 0)), str(failed.get(k, 0))] for k in kinds], width)
+    else:
+        parts.append("actions this period: none")
+    parts += [Text.assemble(("error: ", "red"), str(e)) for e in acts.get("errors") or []]
+    return Group(*parts)

@@ -36,20 +36,23 @@ cgroupspy has no attribute):
   every ``vcpuN`` (per vCPU, as libvirt's ``vcpu_quota``; -1 = no cap);
 * blkio weight (10..1000) -> ``blkio.bfq.weight`` of the VM's group when the
   kernel has it (BFQ; CFQ and its ``blkio.weight`` were removed in Linux 5.0),
-  else ``blkio.weight``: the order libvirt uses;
+  else ``blkio.weight``: the order libvirt uses. BFQ's default weight is 100
+  (CFQ's was 500), so the BFQ file gets :func:`blkio_to_io_weight` too and
+  CFQ's the value unchanged;
 * pins -> ``vcpuN/cpuset.cpus`` as a CPU list ("0-3,8").
 
 cgroup v2 (plain writes, no cgroupspy: it only knows v1):
 
-* shares -> ``cpu.weight`` = 1 + (shares - 2) * 9999 // 262142, the mapping of
-  v1 shares 2..262144 onto weights 1..10000 used by runc and crun (systemd maps
-  the other way, shares = weight * 1024 / 100; libvirt itself writes the value
-  unchanged and refuses shares above 10000);
+* shares -> ``cpu.weight`` by :func:`shares_to_weight`, the mapping runc
+  (opencontainers/runc PR 4785, runc 1.3.2 / 1.4) and crun (containers/crun
+  issue 1721) moved to after kubernetes issue 131216: a quadratic in log2
+  space through 2 -> 1, 1024 -> 100 and 262144 -> 10000, so the v1 default
+  keeps the v2 default's share next to unmanaged siblings (the old linear
+  ``1 + (shares - 2) * 9999 // 262142`` made 1024 a weight of 39);
 * quota -> ``vcpuN/cpu.max`` "QUOTA 100000", or "max 100000" for no cap;
 * blkio weight -> ``io.bfq.weight`` "N" if present, else ``io.weight``
-  "default N", with the same 10..1000 value and no scaling: exactly what
-  libvirt's ``virCgroupV2SetBlkioWeight`` writes (io.weight accepts 1..10000,
-  so the weights keep their ratios);
+  "default N", with N from :func:`blkio_to_io_weight` (see there: the v1
+  default 500 becomes the v2 default 100, ratios kept);
 * pins -> ``vcpuN/cpuset.cpus``.
 
 cgroup v2 is detected by ``<root>/cgroup.controllers`` (the unified hierarchy
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -72,22 +76,65 @@ log = logging.getLogger("rescoin.cgroupfs")
 
 SHARES_MIN, SHARES_MAX = 2, 262144
 WEIGHT_MIN, WEIGHT_MAX = 1, 10000
+BLKIO_MIN, BLKIO_MAX, BLKIO_DEFAULT = 10, 1000, 500  # v1 blkio.weight (CFQ), the scale rescoin plans in
+IO_DEFAULT = 100  # v2 io.weight's default, and BFQ's (v1 blkio.bfq.weight, v2 io.bfq.weight)
 V1_CONTROLLERS = ("cpu", "cpuset", "blkio")  # the ones rescoin writes
 SCAN_DEPTH = 3  # how deep under a controller root a VM's directory is looked for
 
 
 # -- pure conversions -------------------------------------------------------------------------
 def shares_to_weight(shares: int) -> int:
-    """cgroup v1 ``cpu.shares`` (2..262144) as a v2 ``cpu.weight`` (1..10000), as runc/crun map it."""
+    """cgroup v1 ``cpu.shares`` (2..262144) as a v2 ``cpu.weight`` (1..10000), as runc and crun map it now.
+
+    With l = log2(shares): weight = ceil(10^((l^2 + 125 l) / 612 - 7/34)), the
+    parabola through (1, 0), (10, 2) and (18, 4) in (log2 shares, log10 weight),
+    so 2 -> 1, 1024 (v1 default) -> 100 (v2 default), 262144 -> 10000. This is
+    ``ConvertCPUSharesToCgroupV2Value`` of opencontainers/cgroups after runc PR
+    4785 (kubernetes issue 131216: the linear mapping gave 1024 -> 39, less than
+    an unmanaged sibling at the default 100). Non-decreasing; every weight is hit.
+    """
     shares = min(max(int(shares), SHARES_MIN), SHARES_MAX)
-    return WEIGHT_MIN + (shares - SHARES_MIN) * (WEIGHT_MAX - WEIGHT_MIN) // (SHARES_MAX - SHARES_MIN)
+    if shares == SHARES_MIN:
+        return WEIGHT_MIN
+    if shares == SHARES_MAX:
+        return WEIGHT_MAX
+    l = math.log2(shares)  # noqa: E741 - the formula's own name
+    return min(WEIGHT_MAX, math.ceil(10 ** ((l * l + 125 * l) / 612 - 7 / 34)))
 
 
 def weight_to_shares(weight: int) -> int:
-    """The inverse of :func:`shares_to_weight` (the smallest shares value giving ``weight``)."""
+    """The inverse of :func:`shares_to_weight`: the smallest shares value giving ``weight``."""
     weight = min(max(int(weight), WEIGHT_MIN), WEIGHT_MAX)
-    span = SHARES_MAX - SHARES_MIN
-    return SHARES_MIN - (-(weight - WEIGHT_MIN) * span // (WEIGHT_MAX - WEIGHT_MIN))
+    lo, hi = SHARES_MIN, SHARES_MAX  # shares_to_weight is non-decreasing: bisect
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if shares_to_weight(mid) < weight:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def blkio_to_io_weight(weight: int) -> int:
+    """A v1 blkio weight (10..1000, CFQ default 500) as a weight next to a default of 100.
+
+    For v2 ``io.weight`` (1..10000, default 100) and BFQ's ``bfq.weight`` (v1 and v2,
+    1..1000, default 100). Weights are shares among siblings, so the scale is
+    proportional, ``round(weight * 100 / 500)``: rescoin's default 500 becomes 100
+    and keeps the share an unmanaged sibling at the default has, and two VMs keep
+    their ratio (up to rounding; 10..1000 -> 2..200). systemd converts BlockIOWeight=
+    to io.weight the same way (``cgroup_weight_blkio_to_io`` in src/core/cgroup.c,
+    which truncates where this rounds). Writing 500 unchanged, as libvirt's
+    ``virCgroupV2SetBlkioWeight`` does, gave a managed VM five times the share of
+    any unmanaged group.
+    """
+    weight = min(max(int(weight), BLKIO_MIN), BLKIO_MAX)
+    return min(max(round(weight * IO_DEFAULT / BLKIO_DEFAULT), WEIGHT_MIN), WEIGHT_MAX)
+
+
+def io_weight_to_blkio(weight: int) -> int:
+    """The inverse of :func:`blkio_to_io_weight`, on the 10..1000 blkio scale rescoin plans in."""
+    return min(max(int(weight) * BLKIO_DEFAULT // IO_DEFAULT, BLKIO_MIN), BLKIO_MAX)
 
 
 def cpulist(cpumap: Iterable[bool]) -> str:
@@ -188,8 +235,9 @@ class CgroupActuator:
         """What the VM's cgroup files say now.
 
         ``shares`` (v2: derived from ``cpu_weight``), ``quota`` and ``period``
-        per vCPU (quota -1 = no cap), ``blkio`` weight (None when the kernel has
-        no weight file), ``cpuset`` per vCPU as a CPU list, and the ``paths``
+        per vCPU (quota -1 = no cap), ``blkio`` weight on the 10..1000 scale
+        (None when the kernel has no weight file; ``io_weight`` is the value in a
+        file whose default is 100, before :func:`io_weight_to_blkio`), ``cpuset`` per vCPU as a CPU list, and the ``paths``
         used. Raises OSError when the VM's cgroups cannot be found.
         """
         return self._run(state, dom, lambda g: self._read(g, state))
@@ -319,21 +367,23 @@ class CgroupActuator:
                     _io(lambda: setattr(ctl, "cfs_quota_us", quota))
 
     def _write_blkio(self, g: VMCgroups, weight: int) -> None:
+        """``weight`` on the 10..1000 blkio scale; files whose default is 100 get it scaled."""
+        scaled = blkio_to_io_weight(weight)
         if g.version == 2:
             d = self._dir(g, "io")
             if (d / "io.bfq.weight").exists():
-                _write(d / "io.bfq.weight", str(weight))
+                _write(d / "io.bfq.weight", str(scaled))
             elif (d / "io.weight").exists():
-                _write(d / "io.weight", f"default {weight}")
+                _write(d / "io.weight", f"default {scaled}")
             else:
                 _no_weight(d, "io.bfq.weight nor io.weight")
             return
         d = self._dir(g, "blkio")
         ctl = self._node(g, "blkio").controller
         if (d / "blkio.bfq.weight").exists():
-            _io(lambda: ctl.set_property(b"blkio.bfq.weight", weight))  # cgroupspy has no attribute for it
-        elif (d / "blkio.weight").exists():
-            _io(lambda: setattr(ctl, "weight", weight))
+            _io(lambda: ctl.set_property(b"blkio.bfq.weight", scaled))  # cgroupspy has no attribute for it
+        elif (d / "blkio.weight").exists():  # CFQ: default 500, rescoin's own scale
+            _io(lambda: setattr(ctl, "weight", min(max(int(weight), BLKIO_MIN), BLKIO_MAX)))
         else:
             _no_weight(d, "blkio.bfq.weight nor blkio.weight")
 
@@ -359,13 +409,13 @@ class CgroupActuator:
                 q, _, p = _read(self._dir(g, "cpu", "vcpus", v) / "cpu.max").partition(" ")
                 out["quota"].append(-1 if q == "max" else int(q))
                 out["period"].append(int(p) if p else None)
+            out["io_weight"] = None
             if (top / "io.bfq.weight").exists():
-                out["blkio"] = int(_read(top / "io.bfq.weight").split()[-1])
+                out["io_weight"] = int(_read(top / "io.bfq.weight").split()[-1])
             elif (top / "io.weight").exists():
                 line = next((ln for ln in _read(top / "io.weight").splitlines() if ln.startswith("default")), "")
-                out["blkio"] = int(line.split()[1]) if line else None
-            else:
-                out["blkio"] = None
+                out["io_weight"] = int(line.split()[1]) if line else None
+            out["blkio"] = None if out["io_weight"] is None else io_weight_to_blkio(out["io_weight"])
             out["cpuset"] = [_read(self._dir(g, "cpuset", "vcpus", v) / "cpuset.cpus") for v in vcpus]
             out["paths"] = {"cpu": str(top), "vcpus": str(self._dir(g, "cpu", "vcpus"))}
             return out
@@ -377,11 +427,14 @@ class CgroupActuator:
             q = _io(lambda: ctl.cfs_quota_us)  # cgroupspy reads -1 as None
             out["quota"].append(-1 if q is None else q)
             out["period"].append(_io(lambda: ctl.cfs_period_us))
-        out["blkio"] = None  # also when libvirt manages no blkio cgroup for the VM
+        out["blkio"] = out["io_weight"] = None  # also when libvirt manages no blkio cgroup for the VM
         if "blkio" in g.top:
             blk = self._dir(g, "blkio")
-            blk_file = next((blk / f for f in ("blkio.bfq.weight", "blkio.weight") if (blk / f).exists()), None)
-            out["blkio"] = int(_read(blk_file).split()[-1]) if blk_file else None
+            if (blk / "blkio.bfq.weight").exists():
+                out["io_weight"] = int(_read(blk / "blkio.bfq.weight").split()[-1])
+                out["blkio"] = io_weight_to_blkio(out["io_weight"])
+            elif (blk / "blkio.weight").exists():
+                out["blkio"] = int(_read(blk / "blkio.weight").split()[-1])
         out["cpuset"] = [_io(lambda: self._node(g, "cpuset", "vcpus", v).controller.get_property(b"cpuset.cpus"))
                          for v in vcpus]
         out["paths"] = {c: str(self._dir(g, c)) for c in V1_CONTROLLERS if c in g.top}

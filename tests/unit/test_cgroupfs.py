@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from rescoin.hosts.actuators import quota_us
-from rescoin.hosts.cgroupfs import (CgroupActuator, cpulist, parse_cpulist, shares_to_weight,
-                                    weight_to_shares)
+from rescoin.hosts.cgroupfs import (CgroupActuator, blkio_to_io_weight, cpulist, io_weight_to_blkio,
+                                    parse_cpulist, shares_to_weight, weight_to_shares)
 
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 V1_DIR = "machine/qemu-3-vm1.libvirt-qemu"
@@ -130,17 +130,32 @@ def test_cpulist_matches_the_maps_libvirt_host_builds():
     assert cpulist(_cpumap(200, 199, 1)) == "199"
 
 
-def test_shares_to_weight_matches_the_runc_mapping():
+def test_shares_to_weight_is_the_current_runc_mapping():
+    # fixed points of runc PR 4785 / kubernetes issue 131216: min, v1 default -> v2 default, max
     assert shares_to_weight(2) == 1
-    assert shares_to_weight(1024) == 39  # 1 + 1022 * 9999 // 262142
+    assert shares_to_weight(1024) == 100  # the old linear mapping gave 39
     assert shares_to_weight(262144) == 10000
     assert shares_to_weight(1) == 1 and shares_to_weight(10**9) == 10000  # clamped
-    for shares in (2, 100, 1024, 2048, 50000, 262144):
-        assert 1 + (shares - 2) * 9999 // 262142 == shares_to_weight(shares)
-    ws = [shares_to_weight(s) for s in range(2, 262145, 97)]
-    assert ws == sorted(ws)
-    for w in (1, 2, 39, 100, 5000, 10000):
-        assert shares_to_weight(weight_to_shares(w)) == w
+    assert shares_to_weight(2048) == 174  # the value runc 1.4 writes for --cpu-shares 2048 (ceil of 173.2)
+    ws = [shares_to_weight(s) for s in range(2, 262145)]
+    assert all(a <= b for a, b in zip(ws, ws[1:]))  # monotonic
+    assert set(ws) == set(range(1, 10001))  # every weight is reachable
+    for w in (1, 2, 39, 99, 100, 101, 5000, 9999, 10000):
+        s = weight_to_shares(w)
+        assert shares_to_weight(s) == w and (s == 2 or shares_to_weight(s - 1) < w)
+
+
+def test_blkio_weights_keep_their_share_next_to_the_v2_default():
+    assert blkio_to_io_weight(500) == 100  # rescoin's default blkio weight = io.weight's default
+    assert blkio_to_io_weight(10) == 2 and blkio_to_io_weight(1000) == 200
+    assert blkio_to_io_weight(1) == 2 and blkio_to_io_weight(10**6) == 200  # clamped to 10..1000 first
+    io = [blkio_to_io_weight(w) for w in range(10, 1001)]
+    assert all(a <= b for a, b in zip(io, io[1:])) and min(io) >= 1 and max(io) <= 10000
+    for a, b in ((250, 500), (100, 1000), (300, 600)):  # ratios between VMs are kept
+        assert blkio_to_io_weight(b) / blkio_to_io_weight(a) == pytest.approx(b / a, rel=0.05)
+    for w in (10, 100, 250, 500, 995, 1000):
+        assert io_weight_to_blkio(blkio_to_io_weight(w)) == pytest.approx(w, abs=2.5)
+    assert io_weight_to_blkio(100) == 500
 
 
 # -- cgroup v1 ----------------------------------------------------------------------------------------
@@ -176,10 +191,10 @@ def test_v1_quota_is_per_vcpu_with_period_100ms(v1):
     assert [v1.read(f"cpu/{V1_DIR}/vcpu{v}/cpu.cfs_quota_us") for v in (0, 1)] == ["-1", "-1"]
 
 
-def test_v1_blkio_weight_prefers_bfq_as_libvirt_does(v1):
+def test_v1_blkio_weight_prefers_bfq_as_libvirt_does_scaled_to_its_default_100(v1):
     act = v1.actuator()
     run(act.blkio(vm(), Dom(), 700))
-    assert v1.read(f"blkio/{V1_DIR}/blkio.bfq.weight") == "700"
+    assert v1.read(f"blkio/{V1_DIR}/blkio.bfq.weight") == "140"  # BFQ's default is 100, CFQ's was 500
     assert not v1.file(f"blkio/{V1_DIR}/blkio.weight").exists()
 
 
@@ -290,7 +305,7 @@ def test_v2_detected_and_shares_become_cpu_weight_on_the_scope(v2):
     act = v2.actuator()
     assert act.version == 2
     run(act.cpu(vm(), Dom(), 1024, None))
-    assert v2.read(f"{V2_SCOPE}/cpu.weight") == "39"
+    assert v2.read(f"{V2_SCOPE}/cpu.weight") == "100"  # the v1 default weighs as much as an unmanaged sibling
     run(act.cpu(vm(), Dom(), 262144, None))
     assert v2.read(f"{V2_SCOPE}/cpu.weight") == "10000"
     run(act.cpu(vm(), Dom(), 2, None))
@@ -311,16 +326,20 @@ def test_v2_quota_is_cpu_max_of_each_vcpu(v2):
     assert v2.read(f"{V2_SCOPE}/libvirt/vcpu1/cpu.max") == "1000 100000"
 
 
-def test_v2_io_weight_keeps_libvirts_value(v2):
-    run(v2.actuator().blkio(vm(), Dom(), 500))
-    assert v2.read(f"{V2_SCOPE}/io.weight") == "default 500"
+def test_v2_io_weight_default_is_the_v2_default(v2):
+    act = v2.actuator()
+    run(act.blkio(vm(), Dom(), 500))
+    assert v2.read(f"{V2_SCOPE}/io.weight") == "default 100"  # libvirt writes 500: 5x an unmanaged sibling
+    run(act.blkio(vm(), Dom(), 1000))
+    assert v2.read(f"{V2_SCOPE}/io.weight") == "default 200"
+    assert act.read_back(vm())["blkio"] == 1000 and act.read_back(vm())["io_weight"] == 200
 
 
 def test_v2_io_bfq_weight_is_preferred(tmp_path):
     fake = Fake(tmp_path, 2)
     fake.vm_v2(io_file="io.bfq.weight")
     run(fake.actuator().blkio(vm(), Dom(), 800))
-    assert fake.read(f"{V2_SCOPE}/io.bfq.weight") == "800"
+    assert fake.read(f"{V2_SCOPE}/io.bfq.weight") == "160"
 
 
 def test_v2_pin_writes_the_vcpu_cpuset(v2):
@@ -379,7 +398,7 @@ def test_libvirt_host_applies_through_cgroups_and_survives_a_vanished_vm(tmp_pat
         assert plan.changed["shares"][0] and step.result.applied["shares"] == 1
         assert fake.read(f"cpu/{vm_dir}/cpu.shares") == str(int(plan.controls.shares[0]))
         assert plan.changed["blkio"][0]
-        assert fake.read(f"blkio/{vm_dir}/blkio.bfq.weight") == str(int(plan.controls.blkio[0]))
+        assert fake.read(f"blkio/{vm_dir}/blkio.bfq.weight") == str(blkio_to_io_weight(plan.controls.blkio[0]))
         pcpus = host.capacity.pcpus
         width = plan.controls.pin_width
         for v, group in enumerate(plan.controls.pins[:2]):
