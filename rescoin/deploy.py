@@ -740,7 +740,8 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .view import progress
 
     try:
         targets = [parse_target(t) for t in args.targets]
@@ -760,12 +761,11 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         paramiko_log.setLevel(logging.CRITICAL)  # its failures go into the result table instead
     try:
-        with Progress(TextColumn("[bold]deploying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[last]}"), console=Console(stderr=True)) as bar:
-            task = bar.add_task("deploy", total=len(targets), last="")
+        with progress() as bar:  # stderr, and only on a terminal
+            task = bar.add_task("deploying", total=len(targets))
 
             def done(r: HostResult) -> None:
-                bar.update(task, advance=1, last=f"{r.target}: {r.result}")
+                bar.update(task, advance=1, description=f"deploying ({r.target}: {r.result})")
 
             results = deploy(targets, settings, parallel=args.parallel, on_done=done)
     finally:

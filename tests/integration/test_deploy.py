@@ -185,6 +185,7 @@ def _row(output: str, target: str) -> str:
 def test_install_then_unchanged_then_update(guest, capsys):
     rc, out = _deploy(capsys, guest.args())
     assert rc == 0, out
+    assert "deploying" not in out  # no progress bar when stderr is not a terminal (a log file)
     row = _row(out, guest.target)
     assert " installed 5 yes " in f" {row} ", row
     assert f"made a new agent key in {guest.agent_key}" in out
