@@ -767,7 +767,10 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
                     "that minimise loss = sum(W x max(usage - forecast, 0) + max(forecast - usage, 0)) / sum(usage) "
                     "(forecast for period t+1 against its usage). Other parameters come from --base. The last "
                     "--holdout share of each series is held back and the fitted and base models are compared on "
-                    "it. The output loads with `rescoin run --model PATH` and `rescoin simulate --model PATH`.")
+                    "it. The output loads with `rescoin run --model PATH` and `rescoin simulate --model PATH`. "
+                    f"The defaults are those that made models/default.toml. History of fewer than {WARN_PERIODS} "
+                    f"periods per VM (median) gives a warning, of fewer than {MIN_PERIODS} an error; an existing "
+                    "-o file is replaced only with --force.")
     p.add_argument("history", nargs="+", metavar="HISTORY", help="history CSV files (.csv, .csv.gz), globs or directories")
     p.add_argument("-o", "--output", metavar="PATH", help="model TOML to write, e.g. models/NAME.toml "
                                                           "(its directory must exist)")
