@@ -712,6 +712,10 @@ def _read_azure_readings(
                 )
             ts = _numeric(chunk, 0, p, line, "timestamp")
             avg = _numeric(chunk, 4, p, line, "avg cpu %")
+            short = np.flatnonzero(np.isnan(avg) & chunk.notna().any(axis=1).to_numpy())  # pandas pads short rows
+            if short.size:  # ... and refuses long ones: both are errors
+                raise TraceError(f"{p}:{line + int(short[0])}: expected 5 fields (timestamp, vm id, min, max, "
+                                 "avg cpu %), the last is missing")
             line += len(chunk)
             ids = chunk[1]
             keep = np.isfinite(ts) & ids.notna().to_numpy()

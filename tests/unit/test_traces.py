@@ -607,3 +607,13 @@ def test_simulate_prints_the_warning_once(tmp_path):
     assert p.returncode == 0, p.stderr
     warned = [line for line in p.stderr.splitlines() if "timestamp 1 " in line]
     assert len(warned) == 1 and f"{f}:22:" in warned[0] and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("extra", ["short", "long"])
+def test_azure_short_and_long_rows_are_both_errors_naming_the_line(extra, tmp_path):
+    rows = azure_rows()
+    rows[4] = rows[4][:3] if extra == "short" else rows[4] + (7.0,)
+    f = write_azure(tmp_path, "vm_cpu_readings-file-1-of-1.csv", rows)
+    with pytest.raises(TraceError) as e:
+        load_trace(tmp_path)
+    assert str(e.value).startswith(f"{f}:5: expected 5 fields")
