@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -390,8 +391,20 @@ def dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise  # some other pipe or socket: a real error, not a reader that has had enough
         _stdout_to_devnull()
         return 1
+
+
+def stdout_reader_gone(fd: int | None = None) -> bool:
+    """Has the reader of stdout (or of ``fd``) gone away? poll() flags a pipe without readers as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno() if fd is None else fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # no real file: cannot tell, assume so
+        return True
 
 
 def _stdout_to_devnull() -> None:

@@ -179,3 +179,19 @@ def test_closed_stdout_pipe_exits_quietly(argv, status_socket):
     code, err = closed_pipe_run([a.format(sock=status_socket) for a in argv])
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
     assert code == 1, err
+
+
+def test_only_a_closed_stdout_pipe_counts_as_the_reader_gone():
+    """Another broken pipe (a socket, a child's stdin) stays an error: only stdout's reader leaving is quiet."""
+    from rescoin.cli import stdout_reader_gone
+
+    r, w = os.pipe()
+    try:
+        assert not stdout_reader_gone(w)  # a reader is still there
+        os.close(r)
+        r = -1
+        assert stdout_reader_gone(w)
+    finally:
+        os.close(w)
+        if r >= 0:
+            os.close(r)
