@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
+import select
 import sys
 import threading
 import time
@@ -64,6 +67,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         policies = parse_policies(args.policies)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.model:
+        from .predict import load_model
+
+        try:
+            load_model(args.model)  # each policy's loop loads it again: a bad file is said before the replay
+        except ValueError as e:
+            raise UserError(str(e)) from None
     trace = _load(args.trace, args.vms, args.days, args.start_day, args.vm_offset, console)
     settings = SimSettings(overcommit=args.overcommit, model=args.model)
     t0 = time.perf_counter()
@@ -365,14 +375,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    """Run the chosen sub-command: a user error is one line and exit 2, Ctrl-C exit 130."""
+    """Run the chosen sub-command: a user error is one line and exit 2, Ctrl-C exit 130.
+
+    A reader that goes away (``rescoin status --json | head``) ends the command quietly with exit 1,
+    as Python's documentation recommends: no traceback, and no second error when Python flushes
+    stdout on exit.
+    """
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # buffered output meets a closed pipe here, not at interpreter exit
+        return code
     except UserError as e:
         print(f"rescoin: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise  # some other pipe or socket: a real error, not a reader that has had enough
+        _stdout_to_devnull()
+        return 1
+
+
+def stdout_reader_gone(fd: int | None = None) -> bool:
+    """Has the reader of stdout (or of ``fd``) gone away? poll() flags a pipe without readers as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno() if fd is None else fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # no real file: cannot tell, assume so
+        return True
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so that what is still buffered is dropped, not written to a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a real file (captured by a test harness)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until exit
+    finally:
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:

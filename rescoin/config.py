@@ -190,9 +190,14 @@ def load(path: str | Path | None) -> Config:
             raise ConfigError(f"{p}: no such configuration file (write one with `rescoin config default > {p}`)")
         return Config()
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # TOML is UTF-8; say where the first bad byte is
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
     return parse(text, str(p))
 
 

@@ -27,9 +27,12 @@ to replaying one candidate at a time (slower, same answer).
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import math
+import os
 import shlex
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -58,6 +61,14 @@ GRID: dict[str, tuple[float, ...]] = {
 }
 STAGES: tuple[tuple[str, ...], ...] = (("alpha_up", "alpha_down"), ("pad_error", "pad_std"), ("pad_frac",))
 PER_VM_DAYS = 2.0  # per-VM parameters only for VMs with at least this much history in the fitted part
+#: the defaults that made the shipped models/default.toml (see its header and the README), so that a plain
+#: ``rescoin fit HISTORY -o PATH`` gives a model of the shipped quality
+DEFAULT_BASE = MODELS_DIR / "hand-tuned.toml"
+DEFAULT_UNDER_WEIGHT = "cpu=50,memory=500,disk=50,net=50"
+#: periods of history per VM (median over VMs) below which the fit warns that it is not to be trusted: a day of
+#: 5-minute periods, the least that shows a daily cycle; below MIN_PERIODS (every VM) there is nothing to fit
+WARN_PERIODS = 288
+MIN_PERIODS = 3
 FIT, HELD = 1, 2  # parts of each series: 0 = not scored
 
 
@@ -96,6 +107,20 @@ def series_from_history(d: HistoryData) -> Series:
     signal[tidx, d.vm, res] = d.values["signal"]
     return Series(ts=t0 + buckets * period, uuids=d.uuids, names=d.names, usage=usage, signal=signal,
                   period=period)
+
+
+def history_length_problem(s: Series) -> tuple[str, str] | None:
+    """("error" | "warning", message) when the history is too short to fit on, else None."""
+    per_vm = (~np.isnan(s.usage)).any(axis=2).sum(axis=0)  # periods with a sample, per VM
+    longest, median = int(per_vm.max(initial=0)), float(np.median(per_vm)) if per_vm.size else 0.0
+    if longest < MIN_PERIODS:
+        return "error", (f"only {longest} period{'s' * (longest != 1)} of history per VM: a fit needs at least "
+                         f"{MIN_PERIODS} (and {WARN_PERIODS}, a day of 5-minute periods, to be trusted)")
+    if median < WARN_PERIODS:
+        return "warning", (f"only {median:g} periods of history per VM (median over {per_vm.size} VMs; fewer than "
+                           f"{WARN_PERIODS}, a day of 5-minute periods): the fitted model may be worse than the base; "
+                           "check it with --check on other history")
+    return None
 
 
 def parts(s: Series, holdout: float) -> np.ndarray:
@@ -414,11 +439,8 @@ def _table(params: PredictorParams) -> list[str]:
 
 def command_line(args: argparse.Namespace) -> str:
     """The canonical ``rescoin fit`` command that reproduces this run."""
-    parts_ = ["rescoin", "fit", *args.history, "-o", args.output]
-    if args.base != str(MODELS_DIR / "default.toml"):
-        parts_ += ["--base", args.base]
-    if str(args.under_weight) != "4":
-        parts_ += ["--under-weight", str(args.under_weight)]
+    parts_ = ["rescoin", "fit", *args.history, "-o", args.output, "--base", _show(args.base),
+              "--under-weight", str(args.under_weight)]  # always said: the defaults may change, the file stays
     for flag, value, default in (("--holdout", args.holdout, 0.25), ("--rounds", args.rounds, 2)):
         if value != default:
             parts_ += [flag, f"{value:g}"]
@@ -536,7 +558,8 @@ class UnderWeight:
         return self.text
 
     @classmethod
-    def parse(cls, text: str, default: float = 4.0) -> UnderWeight:
+    def parse(cls, text: str, default: float | tuple[float, ...] = 4.0) -> UnderWeight:
+        """``text`` as weights; resources it does not name get ``default`` (one number or one per resource)."""
         def number(t: str) -> float:
             try:
                 v = float(t)
@@ -549,7 +572,7 @@ class UnderWeight:
         text = text.strip()
         if "=" not in text:
             return cls((number(text),) * N_RES, f"{number(text):g}")
-        values = [default] * N_RES
+        values = list(default) if isinstance(default, tuple) else [float(default)] * N_RES
         for item in text.split(","):
             key, _, val = item.partition("=")
             try:
@@ -561,7 +584,8 @@ class UnderWeight:
 
 
 def _weight(text: str) -> UnderWeight:
-    return UnderWeight.parse(text)
+    """``--under-weight``: resources not named keep their default weight."""
+    return UnderWeight.parse(text, default=UnderWeight.parse(DEFAULT_UNDER_WEIGHT).values)
 
 
 def _rounds(text: str) -> int:
@@ -588,6 +612,49 @@ def check_table(s: Series, models: dict[str, PaddedEWMA], w_under: float,
             i = int(r)
             out[r.label][name] = {"under_error": _num(under[i]), "over_error": _num(over[i]), "loss": _num(loss[i])}
     return out
+
+
+def output_problem(path: Path, force: bool) -> str | None:
+    """Why the model cannot be written to ``path``, found before the fit runs (None if it can)."""
+    parent = path.parent
+    if path.is_dir():
+        return f"{path}: is a directory; give a file name such as {path / 'NAME.toml'}"
+    if path.exists() and not force:
+        return f"{path}: exists; pass --force to replace it, or choose another name"
+    if path.exists() and not path.is_file():
+        return f"{path}: exists and is not a regular file; choose another name"
+    if not parent.exists():
+        return f"{path}: directory {parent} does not exist; create it first"
+    if not parent.is_dir():
+        return f"{path}: {parent} is not a directory"
+    try:  # the only sure test of "can write here" (read-only mounts, ACLs, root-squash): try it
+        probe = _temp_beside(path)
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as e:
+        return f"{path}: cannot write in {parent}: {e.strerror or e}"
+    return None
+
+
+def _temp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_model(path: Path, text: str, force: bool) -> None:
+    """Write ``text`` whole or not at all (temp file beside it, checked, renamed); never replace a file
+    that appeared meanwhile unless ``force``. A replaced file keeps its permission bits."""
+    tmp = _temp_beside(path)
+    try:
+        with tmp.open("x", encoding="utf-8") as f:
+            f.write(text)
+        load_model(tmp)  # what run --model and simulate --model will do
+        if path.exists():
+            if not force:
+                raise FileExistsError(errno.EEXIST, "appeared during the fit; pass --force to replace it")
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _show(path: str | Path) -> str:
@@ -627,9 +694,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         checked = load_model(args.check) if args.check else None
     except ValueError as e:
         raise UserError(str(e)) from None
-    out_path = Path(args.output) if args.output else None
-    if out_path is not None and out_path.resolve() == Path(args.base).resolve():
-        raise UserError(f"{args.output}: that is the base model; write the fitted model to another file")
+    out_path = Path(args.output) if args.output and checked is None else None
+    if out_path is not None:
+        if out_path.resolve() == Path(args.base).resolve():
+            raise UserError(f"{args.output}: that is the base model; write the fitted model to another file")
+        problem = output_problem(out_path, args.force)
+        if problem:
+            raise UserError(problem)
     try:
         data = load_with_progress(args.history, err)
         s = series_from_history(data)
@@ -638,6 +709,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     msg = data.skipped_message()
     if msg:
         err.print(msg, markup=False, highlight=False, soft_wrap=True)
+    short = history_length_problem(s) if checked is None else None
+    if short and short[0] == "error":
+        raise UserError(short[1])
+    if short:
+        print(f"rescoin: warning: {short[1]}", file=sys.stderr)
     if checked is not None:
         names = {"base": base_model, "checked": checked}
         with progress(err, transient=True) as bar:
@@ -670,11 +746,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print_tables(out, res, summ, args.holdout)
     text = model_text(res, summ, args, data, s, name)
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(text, encoding="utf-8")
-        load_model(out_path)  # what run --model and simulate --model will do
+        write_model(out_path, text, args.force)
     except OSError as e:
-        raise UserError(f"{out_path}: cannot write the model: {e}") from None
+        raise UserError(f"{out_path}: cannot write the model: {e.strerror or e}") from None
     except ValueError as e:  # a bug here, not the user's: say so plainly
         raise UserError(f"{out_path}: the written model does not load: {e}") from None
     out.print(f"wrote {out_path} (loads with rescoin run --model {out_path})", highlight=False)
@@ -693,14 +767,20 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
                     "that minimise loss = sum(W x max(usage - forecast, 0) + max(forecast - usage, 0)) / sum(usage) "
                     "(forecast for period t+1 against its usage). Other parameters come from --base. The last "
                     "--holdout share of each series is held back and the fitted and base models are compared on "
-                    "it. The output loads with `rescoin run --model PATH` and `rescoin simulate --model PATH`.")
+                    "it. The output loads with `rescoin run --model PATH` and `rescoin simulate --model PATH`. "
+                    f"The defaults are those that made models/default.toml. History of fewer than {WARN_PERIODS} "
+                    f"periods per VM (median) gives a warning, of fewer than {MIN_PERIODS} an error; an existing "
+                    "-o file is replaced only with --force.")
     p.add_argument("history", nargs="+", metavar="HISTORY", help="history CSV files (.csv, .csv.gz), globs or directories")
-    p.add_argument("-o", "--output", metavar="PATH", help="model TOML to write, e.g. models/NAME.toml")
-    p.add_argument("--base", default=str(MODELS_DIR / "default.toml"), metavar="PATH",
-                   help="model whose other parameters are kept and compared against (default models/default.toml)")
-    p.add_argument("--under-weight", type=_weight, default=UnderWeight.parse("4"), metavar="W",
-                   help="weight of under-estimation in the loss: one number, or per resource like "
-                        "cpu=4,memory=10 (others 4); default 4")
+    p.add_argument("-o", "--output", metavar="PATH", help="model TOML to write, e.g. models/NAME.toml "
+                                                          "(its directory must exist)")
+    p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
+    p.add_argument("--base", default=str(DEFAULT_BASE), metavar="PATH",
+                   help=f"model whose other parameters are kept and compared against (default {_show(DEFAULT_BASE)}, "
+                        "the base of the shipped models/default.toml)")
+    p.add_argument("--under-weight", type=_weight, default=_weight(DEFAULT_UNDER_WEIGHT), metavar="W",
+                   help="weight of under-estimation in the loss: one number, or per resource like memory=1000 "
+                        f"(the others keep theirs); default {DEFAULT_UNDER_WEIGHT}, which made models/default.toml")
     p.add_argument("--holdout", type=_fraction, default=0.25, metavar="FRACTION",
                    help="share of each VM's series held back for the check (default 0.25; 0 = fit on all)")
     p.add_argument("--per-vm", action="store_true",

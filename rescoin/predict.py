@@ -10,6 +10,7 @@ per-VM state lives in ``History`` so it follows VMs as they come and go.
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -45,7 +46,7 @@ class PredictorParams:
     def check(self, where: str) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or not np.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
                 raise ValueError(f"{where}.{f.name} = {v!r}: must be a finite number")
         if not 0.0 <= self.hold_last <= 1.0:
             raise ValueError(f"{where}.hold_last = {self.hold_last}: must be in [0, 1]")
@@ -62,6 +63,14 @@ class PredictorParams:
             raise ValueError(f"{where}.growth = {self.growth}: must be >= 1 (1 = no correction)")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"{where}.threshold = {self.threshold}: must be in [0, 1)")
+
+
+def _finite(v: int | float) -> bool:
+    """A finite number; an integer too large for a float (TOML allows them) is not."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 #: ResCoin's smoothing factors (cpu 0.7, memory 0.8, disk 0.8); net follows disk
@@ -197,9 +206,18 @@ def load_model(path: str | Path) -> PaddedEWMA:
     """Read predictor parameters from a TOML model file (``[cpu]``, ``[memory]``, ...)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"{path}: model file not found; see models/ for the shipped ones") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; give a model file such as models/default.toml") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the model file: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text; a model file is TOML, which must be UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML: {e}") from None
     params = _resource_tables(path, {k: v for k, v in data.items() if k not in ("name", "about", "source", "vm")},

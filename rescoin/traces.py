@@ -12,11 +12,16 @@ Every loader turns its rows into long-form samples (vm, timestamp, values);
 one resampler then averages them into 5-minute cells, interpolates short gaps
 and cuts the requested days. Values are in the units of
 :mod:`rescoin.resources`. Anything unreadable raises :class:`TraceError` with
-the file (and line) at fault, never a bare pandas/gzip traceback.
+the file (and line) at fault, never a bare pandas/gzip traceback. Implausible
+rows (wrong field count, outlying timestamps, values no VM can have) follow the
+rules of :mod:`rescoin.tracecheck`: refused, dropped or clipped, each kind said
+once with its file and line (logged, and kept in ``Trace.warnings``).
 """
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -29,6 +34,18 @@ import numpy as np
 import pandas as pd
 
 from .resources import CPU, DISK, MEMORY, N_RES, NET
+from .tracecheck import (
+    MAX_SPAN_DAYS,
+    MAX_THROUGHPUT_KBS,
+    MAX_VM_CORES,
+    MAX_VM_MEMORY_KB,
+    Findings,
+    above,
+    drop_outlying_timestamps,
+    wrong_field_count,
+)
+
+log = logging.getLogger("rescoin.traces")
 
 PERIOD = 300.0  #: grid step, seconds
 CELLS_PER_DAY = int(86400 / PERIOD)
@@ -79,6 +96,7 @@ class Trace:
     demand: np.ndarray  # (n_periods, n_vms, N_RES), NaN = not known
     sizes: np.ndarray  # (n_vms, N_RES): vCPUs, memory MiB, NaN for disk/net
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # implausible rows dropped or clipped (also logged)
 
     def __post_init__(self) -> None:
         if self.demand.ndim != 3 or self.demand.shape[1:] != (len(self.vm_ids), N_RES):
@@ -115,6 +133,7 @@ class _Samples:
     notes: list[str]
     start_day: float = 0.0  # days still to skip once on the grid
     off: np.ndarray | None = None  # (n,) samples saying the VM was not running: no gap filling over them
+    warnings: list[str] = field(default_factory=list)  # file:line of implausible values, one per kind
 
 
 # --------------------------------------------------------------------------- public API
@@ -168,6 +187,8 @@ def load_trace(
     s = loader(p, vms, vm_offset, days, start_day, progress)
     demand, start, notes = _resample(s, days, p)
     n_days = demand.shape[0] * PERIOD / 86400.0
+    for w in s.warnings:
+        log.warning("%s", w)
     return Trace(
         name=f"{fmt} {s.label} ({len(s.vm_ids)} VMs, {n_days:.1f} days)",
         source_format=fmt,
@@ -177,6 +198,7 @@ def load_trace(
         demand=demand,
         sizes=s.sizes,
         notes=s.notes + notes,
+        warnings=list(s.warnings),
     )
 
 
@@ -207,7 +229,7 @@ def _pick(ids: list[str], vms: int | None, vm_offset: int, where: Path) -> list[
         want = f"{vms} VMs" if vms is not None else "VMs"
         raise TraceError(
             f"{where}: asked for {want} after skipping {vm_offset}, but the trace has only "
-            f"{len(ids)} VMs; lower vms or vm_offset"
+            f"{len(ids)} VMs; lower --vms or --vm-offset"
         )
     return ids[vm_offset : None if vms is None else vm_offset + vms]
 
@@ -405,14 +427,52 @@ def _mode_positive(x: np.ndarray) -> float:
     return float(vals[np.argmax(counts)])
 
 
-def _read_bitbrains_vm(p: Path, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _read_bytes(p: Path) -> bytes:
+    """The whole (decompressed) file; gzip and I/O errors become TraceErrors naming it."""
+    try:
+        data = p.read_bytes()
+        return gzip.decompress(data) if p.name.lower().endswith(".gz") else data
+    except _READ_ERRORS as e:
+        raise _csv_error(p, e) from None
+
+
+def _read_bitbrains_csv(p: Path) -> pd.DataFrame:
+    """A Bitbrains file as read by pandas, after checking every row has as many fields as the header.
+
+    pandas pads a short row with NaN but refuses a long one: both are the same fault (a torn or
+    mangled line), so both are an error naming the line.
+    """
+    data = _read_bytes(p)
+    wrong = wrong_field_count(data, b";")
+    if wrong is not None:
+        line, expected, seen = wrong
+        raise TraceError(f"{p}:{line}: expected {expected} fields, saw {seen}; every row needs one value "
+                         "per header column")
+    try:
+        return pd.read_csv(io.BytesIO(data), sep=";", skipinitialspace=True, engine="c", skip_blank_lines=False)
+    except _READ_ERRORS as e:
+        raise _csv_error(p, e) from None
+
+
+def _read_bitbrains_vm(p: Path, counts: dict[str, int], findings: Findings
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One VM file -> (timestamps, values (n, N_RES), sizes (N_RES,), not-running rows (n,))."""
-    df = _read_csv(p, sep=";", skipinitialspace=True)
+    df = _read_bitbrains_csv(p)
     cols = _bitbrains_columns(df, p)
     raw = {role: _numeric(df, c, p, 2, _BB_COLUMNS[role]) for role, c in cols.items()}
     ts = raw.pop("ts")
+    drop_outlying_timestamps(ts, p, findings)
     for v in raw.values():
         counts["negative"] += _clip_negative(v)
+    # values no VM can have are unknown; memory above the VM's provisioned size is that size
+    unknown = "treated as unknown"
+    raw["cores"][above(findings, p, raw["cores"], MAX_VM_CORES, "cores", "CPU cores", "", unknown)] = np.nan
+    for role, what in (("mem_cap", "provisioned memory"), ("mem", "memory usage")):
+        raw[role][above(findings, p, raw[role], MAX_VM_MEMORY_KB, role, what, "KB", unknown)] = np.nan
+    for role in ("disk_r", "disk_w", "net_rx", "net_tx"):
+        name = _BB_COLUMNS[role].split(" [")[0].lower()
+        raw[role][above(findings, p, raw[role], MAX_THROUGHPUT_KBS, "throughput", name, "KB/s",
+                               unknown)] = np.nan
 
     cores, cap = raw["cores"], raw["cap"]
     ok = (cores > 0) & (cap > 0)
@@ -438,6 +498,10 @@ def _read_bitbrains_vm(p: Path, counts: dict[str, int]) -> tuple[np.ndarray, np.
     sizes = np.full(N_RES, np.nan)
     sizes[CPU] = _mode_positive(cores)
     sizes[MEMORY] = mem_cap.max() / 1024.0 if mem_cap.size else np.nan
+    if mem_cap.size:
+        over = above(findings, p, raw["mem"], float(mem_cap.max()), "mem_size", "memory usage", "KB",
+                     "clipped to it", bound="the VM's provisioned memory,")
+        values[over & ~off, MEMORY] = sizes[MEMORY]
     return ts, values, sizes, off
 
 
@@ -452,10 +516,11 @@ def _load_bitbrains(
     by_id, label = _bitbrains_files(root)
     ids = _pick(sorted(by_id, key=_natural_key), vms, vm_offset, root)
     counts = {"negative": 0, "no_capacity": 0, "not_running": 0, "clipped_cpu": 0}
+    findings = Findings()
     parts_ts, parts_vm, parts_val, parts_off = [], [], [], []
     sizes = np.full((len(ids), N_RES), np.nan)
     for i, vm_id in enumerate(ids):
-        ts, values, sizes[i], off = _read_bitbrains_vm(by_id[vm_id], counts)
+        ts, values, sizes[i], off = _read_bitbrains_vm(by_id[vm_id], counts, findings)
         parts_off.append(off)
         parts_ts.append(ts)
         parts_vm.append(np.full(ts.size, i, dtype=np.int64))
@@ -484,7 +549,8 @@ def _load_bitbrains(
     if counts["negative"]:
         notes.append(f"clipped {counts['negative']} negative values to 0")
     vm, values = np.concatenate(parts_vm), np.concatenate(parts_val)
-    return _Samples("bitbrains", label, ids, vm, ts, values, sizes, notes, start_day, np.concatenate(parts_off))
+    return _Samples("bitbrains", label, ids, vm, ts, values, sizes, notes, start_day, np.concatenate(parts_off),
+                    findings.messages())
 
 
 # --------------------------------------------------------------------------- PlanetLab
@@ -553,7 +619,7 @@ def _load_planetlab(
     first = int(np.floor(start_day))
     if first >= len(all_days):
         raise TraceError(
-            f"{root}: start_day={start_day} is beyond the end of the trace ({len(all_days)} day folders)"
+            f"{root}: --start-day {start_day:g} is beyond the end of the trace ({len(all_days)} day folders)"
         )
     last = len(all_days) if days is None else min(len(all_days), int(np.ceil(start_day + days)))
     sel = all_days[first:last]
@@ -646,6 +712,10 @@ def _read_azure_readings(
                 )
             ts = _numeric(chunk, 0, p, line, "timestamp")
             avg = _numeric(chunk, 4, p, line, "avg cpu %")
+            short = np.flatnonzero(np.isnan(avg) & chunk.notna().any(axis=1).to_numpy())  # pandas pads short rows
+            if short.size:  # ... and refuses long ones: both are errors
+                raise TraceError(f"{p}:{line + int(short[0])}: expected 5 fields (timestamp, vm id, min, max, "
+                                 "avg cpu %), the last is missing")
             line += len(chunk)
             ids = chunk[1]
             keep = np.isfinite(ts) & ids.notna().to_numpy()
@@ -769,7 +839,7 @@ def _resample(
     n_cells = int(cell.max()) + 1 if cell.size else 0
     if n_cells * n_vms * N_RES * 8 > MAX_GRID_BYTES:
         raise TraceError(
-            f"{where}: {n_vms} VMs x {n_cells} periods is too large to hold; pass vms= or days= to load less"
+            f"{where}: {n_vms} VMs x {n_cells} periods is too large to hold; pass --vms or --days to load less"
         )
 
     flat = cell * n_vms + vm
@@ -805,11 +875,16 @@ def _window(
     first = int(round(start_day * CELLS_PER_DAY))
     if first >= n_periods:
         raise TraceError(
-            f"{where}: start_day={start_day:g} is beyond the end of the trace "
-            f"({n_periods * PERIOD / 86400:.2f} days); choose a smaller start_day"
+            f"{where}: --start-day {start_day:g} is beyond the end of the trace "
+            f"({n_periods * PERIOD / 86400:.2f} days); choose a smaller --start-day"
         )
     want = None if days is None else int(round(days * CELLS_PER_DAY))
     last = n_periods if want is None else min(n_periods, first + want)
+    if last - first > MAX_SPAN_DAYS * CELLS_PER_DAY:
+        raise TraceError(
+            f"{where}: {(last - first) / CELLS_PER_DAY:.0f} days to replay, more than the {MAX_SPAN_DAYS} "
+            "rescoin replays at once; pass --days (and --start-day) to replay part of the trace"
+        )
     if want is not None and last - first < want:
         notes.append(f"asked for {days:g} days but only {(last - first) * PERIOD / 86400:.2f} remain")
     return first, max(last, first + 1)

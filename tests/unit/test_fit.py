@@ -150,6 +150,7 @@ def write_history(directory: Path, kit, periods: int = 80, vms: int = 3, period:
 def test_fit_command_writes_a_model_that_loads(tmp_path, kit, capsys):
     hist = write_history(tmp_path / "hist", kit)
     out = tmp_path / "models" / "fitted.toml"
+    out.parent.mkdir()
     code = main([str(hist), "-o", str(out), "--per-vm", "--rounds", "1", "--comment", "made for a test"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
@@ -216,3 +217,149 @@ def test_under_weight_per_resource():
     sums = replay(PaddedEWMA(plain_base()), s, parts(s, 0.0)).part(FIT)
     a, b = sums.loss(4.0, axis=(0, 1)), sums.loss(UnderWeight.parse("memory=10"), axis=(0, 1))
     assert a[CPU] == pytest.approx(b[CPU]) and b[MEMORY] > a[MEMORY]
+
+
+# -- defaults that reproduce the shipped model (issue 8 item 19) ---------------------------------------
+
+
+def fit_args(argv: list[str]):
+    import argparse
+
+    from rescoin.fit import add_fit_parser
+
+    parser = argparse.ArgumentParser()
+    add_fit_parser(parser.add_subparsers())
+    return parser.parse_args(["fit", *argv])
+
+
+def test_defaults_are_those_that_made_the_shipped_model():
+    """A plain `rescoin fit HISTORY -o PATH` uses the base and weights in models/default.toml's command line."""
+    import shlex
+
+    from rescoin.predict import MODELS_DIR
+
+    shipped = MODELS_DIR / "default.toml"
+    command = next(line for line in shipped.read_text().splitlines() if line.startswith("# command: "))
+    argv = shlex.split(command.removeprefix("# command: "))[2:]  # after "rescoin fit"
+    recorded = fit_args(argv)
+    plain = fit_args(["hist", "-o", "x.toml"])
+    assert np.asarray(plain.under_weight).tolist() == np.asarray(recorded.under_weight).tolist()
+    assert (MODELS_DIR.parent / recorded.base).resolve() == Path(plain.base).resolve()
+    assert plain.holdout == recorded.holdout and plain.rounds == recorded.rounds
+    # one resource named: the others keep their default weight, not some other number
+    w = fit_args(["hist", "--under-weight", "memory=1000"]).under_weight
+    default = np.asarray(plain.under_weight)
+    assert np.asarray(w)[MEMORY] == 1000 and np.delete(np.asarray(w), MEMORY).tolist() == np.delete(default, MEMORY).tolist()
+
+
+def test_the_written_header_says_the_base_and_weights_even_at_their_defaults(tmp_path, kit, capsys):
+    hist = write_history(tmp_path / "hist", kit, periods=40)
+    out = tmp_path / "m.toml"
+    assert main([str(hist), "-o", str(out), "--rounds", "1"]) == 0
+    command = next(line for line in out.read_text().splitlines() if line.startswith("# command: "))
+    recorded = fit_args(__import__("shlex").split(command.removeprefix("# command: "))[2:])
+    plain = fit_args(["hist", "-o", "x.toml"])
+    assert "--base" in command and "--under-weight" in command
+    assert np.asarray(recorded.under_weight).tolist() == np.asarray(plain.under_weight).tolist()
+
+
+# -- short history, -o paths (issue 8 item 19) ------------------------------------------------------
+
+
+def one_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("periods", [3, 20])
+def test_short_history_warns(periods, tmp_path, kit, capsys):
+    from rescoin.fit import WARN_PERIODS
+
+    hist = write_history(tmp_path / "hist", kit, periods=periods)
+    out = tmp_path / "m.toml"
+    code = main([str(hist), "-o", str(out), "--rounds", "1"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    warnings = [x for x in err.splitlines() if x.startswith("rescoin: warning: ")]
+    assert len(warnings) == 1, err
+    assert f"only {periods} periods" in warnings[0] and str(WARN_PERIODS) in warnings[0]
+    load_model(out)
+
+
+def test_long_enough_history_does_not_warn(tmp_path, kit, capsys, monkeypatch):
+    import rescoin.fit as fitmod
+
+    monkeypatch.setattr(fitmod, "WARN_PERIODS", 30)  # the real minimum (a day) would make this test slow
+    hist = write_history(tmp_path / "hist", kit, periods=40)
+    assert main([str(hist), "-o", str(tmp_path / "m.toml"), "--rounds", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_history_below_the_hard_minimum_is_refused(tmp_path, kit, capsys):
+    from rescoin.fit import MIN_PERIODS
+
+    hist = write_history(tmp_path / "hist", kit, periods=MIN_PERIODS - 1)
+    out = tmp_path / "m.toml"
+    code = main([str(hist), "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith("rescoin: error: only 2 periods") and str(MIN_PERIODS) in line
+    assert not out.exists()
+
+
+@pytest.fixture
+def slow_fit_forbidden(monkeypatch):
+    """The fit must not run: a bad -o path is reported before it."""
+    import rescoin.fit as fitmod
+
+    def fail(*a, **kw):
+        raise AssertionError("the fit ran before the output path was checked")
+
+    monkeypatch.setattr(fitmod, "fit", fail)
+    monkeypatch.setattr(fitmod, "load_with_progress", fail)
+
+
+def test_existing_output_is_not_overwritten_without_force(tmp_path, kit, capsys, slow_fit_forbidden):
+    hist = write_history(tmp_path / "hist", kit, periods=10)
+    out = tmp_path / "mine.toml"
+    out.write_text("# my own notes, not a model\n")
+    code = main([str(hist), "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"rescoin: error: {out}: exists") and "--force" in line
+    assert out.read_text() == "# my own notes, not a model\n"
+
+
+def test_force_replaces_the_output_and_keeps_its_mode(tmp_path, kit, capsys):
+    import os
+    import stat
+
+    hist = write_history(tmp_path / "hist", kit, periods=10)
+    out = tmp_path / "mine.toml"
+    out.write_text("old\n")
+    os.chmod(out, 0o640)
+    code = main([str(hist), "-o", str(out), "--force", "--rounds", "1"])
+    assert code == 0, capsys.readouterr().err
+    load_model(out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hist", "mine.toml"]  # no temp file left
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory", "parent-is-a-file", "unwritable"])
+def test_bad_output_path_is_reported_before_the_fit(where, tmp_path, kit, capsys, slow_fit_forbidden):
+    hist = write_history(tmp_path / "hist", kit, periods=10)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    out = {"missing-dir": tmp_path / "nope" / "m.toml", "a-directory": tmp_path / "dir",
+           "parent-is-a-file": tmp_path / "file" / "m.toml",
+           "unwritable": Path("/sys/rescoin-test-model.toml")}[where]  # /sys refuses new files, even to root
+    before = sorted(tmp_path.rglob("*"))
+    code = main([str(hist), "-o", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"rescoin: error: {out}: ")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created

@@ -468,3 +468,152 @@ def test_real_shared_bitbrains_trace():
     assert (mem >= 0).all() and (mem.mean(axis=0) > 0).all() and mem.max() < 64 * 1024
     assert 1 <= np.nanmin(tr.sizes[:, CPU]) and np.nanmax(tr.sizes[:, CPU]) <= 32
     np.testing.assert_allclose(tr.sizes[0], [2, 8192, np.nan, np.nan])  # MANIFEST: 2 cores, 8388608 KB
+
+
+# --------------------------------------------------------------------------- implausible rows (issue 8 item 18)
+
+
+def test_a_1970_timestamp_is_dropped_with_one_warning_naming_file_and_line(tmp_path, caplog):
+    rows = steady(50)
+    rows[10][0] = 1  # line 12 of the file (header, then rows 0..)
+    f = write_bb(tmp_path / "1.csv", rows)
+    write_bb(tmp_path / "2.csv", steady(50))
+    with caplog.at_level("WARNING", logger="rescoin.traces"):
+        tr = load_trace(tmp_path)
+    assert tr.n_periods == 50  # not 43 years
+    assert not np.isnan(tr.demand[10, 0]).any()  # the cell of the dropped row is interpolated
+    assert len(tr.warnings) == 1
+    assert tr.warnings[0].startswith(f"{f}:12: timestamp 1 (1970-01-01 00:00 UTC)") and "dropped" in tr.warnings[0]
+    assert [r.getMessage() for r in caplog.records] == tr.warnings
+
+
+@pytest.mark.parametrize("bad", [99999999999999, 4102444800 * 100, 4102444800])  # far future, in s or ms
+def test_a_far_future_timestamp_is_dropped_not_too_large_to_hold(bad, tmp_path):
+    rows = steady(400)
+    rows[-1][0] = bad
+    f = write_bb(tmp_path / "1.csv", rows)
+    tr = load_trace(tmp_path)
+    assert tr.n_periods == 399
+    assert len(tr.warnings) == 1 and tr.warnings[0].startswith(f"{f}:401: timestamp {bad} ")
+
+
+def test_several_outlying_rows_make_one_warning_with_a_count(tmp_path):
+    a, b = steady(400), steady(400)
+    a[5][0] = a[6][0] = 0
+    b[7][0] = 2
+    fa, _ = write_bb(tmp_path / "1.csv", a), write_bb(tmp_path / "2.csv", b)
+    tr = load_trace(tmp_path)
+    assert tr.n_periods == 400
+    assert tr.warnings == [f"{fa}:7: timestamp 0 (1970-01-01 00:00 UTC) lies far outside the file's other rows "
+                           "(2013-07-31 22:00 UTC .. 2013-08-02 07:15 UTC); row dropped (3 such rows in 2 files)"]
+
+
+def test_real_gaps_are_not_outliers(tmp_path):
+    """Two long runs days apart, and a short run after a gap shorter than 1000 steps, are all kept."""
+    two_runs = steady(300) + [bb_row(T0 + 300 * i + 10 * 86400) for i in range(300)]
+    write_bb(tmp_path / "a" / "1.csv", two_runs)
+    tr = load_trace(tmp_path / "a")
+    assert tr.warnings == [] and tr.n_periods == 10 * 288 + 300
+    late_start = steady(2000) + [bb_row(T0 + 300 * (2000 + 900 + i)) for i in range(3)]
+    write_bb(tmp_path / "b" / "1.csv", late_start)
+    tr = load_trace(tmp_path / "b")
+    assert tr.warnings == [] and tr.n_periods == 2903
+
+
+def test_memory_beyond_size_is_clipped_and_impossible_values_are_unknown(tmp_path, caplog):
+    rows = steady(30)
+    rows[3][6] = 1e30  # Memory usage [KB]: no VM has that
+    rows[8][6] = 5 * 1024 * 1024.0  # 5 GiB in a 4 GiB VM
+    rows[12][7] = 1e30  # Disk read throughput [KB/s]
+    f = write_bb(tmp_path / "1.csv", rows)
+    tr = load_trace(tmp_path)
+    mem, disk = tr.demand[:, 0, MEMORY], tr.demand[:, 0, DISK]
+    assert np.nanmax(mem) == 4096.0 and mem[8] == 4096.0  # clipped to the VM's size
+    assert mem[3] == pytest.approx(2.0) and disk[12] == pytest.approx(7.0)  # unknown, then interpolated
+    assert sorted(tr.warnings) == sorted([
+        f"{f}:5: memory usage 1e+30 KB is above the plausible maximum 68,719,476,736 KB; treated as unknown",
+        f"{f}:10: memory usage 5,242,880 KB is above the VM's provisioned memory, 4,194,304 KB; clipped to it",
+        f"{f}:14: disk read throughput 1e+30 KB/s is above the plausible maximum 100,000,000 KB/s; "
+        "treated as unknown",
+    ])
+
+
+def test_one_huge_memory_value_no_longer_ruins_every_policy(tmp_path):
+    from rescoin.simulate import simulate
+
+    rows = [[bb_row(T0 + 300 * i, mem=2048.0 * 1024 + 1024.0 * (i % 7)) for i in range(60)] for _ in range(3)]
+    rows[1][20][6] = 1e30
+    for vm, r in enumerate(rows):
+        write_bb(tmp_path / f"{vm + 1}.csv", r)
+    res = simulate(load_trace(tmp_path), ["static", "oracle"])
+    for name, pol in res["policies"].items():
+        assert pol["memory"]["satisfaction"] > 0.9, name
+
+
+@pytest.mark.parametrize("fields", [6, 12])
+def test_short_and_long_rows_are_both_errors_naming_the_line(fields, tmp_path):
+    f = write_bb(tmp_path / "1.csv", steady(5))
+    lines = f.read_text().splitlines()
+    lines[3] = ";\t".join(str(v) for v in (bb_row(T0 + 600) + [1.0])[:fields])
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError) as e:
+        load_trace(tmp_path)
+    assert str(e.value).startswith(f"{f}:4: expected 11 fields, saw {fields}")
+
+
+def test_blank_lines_are_not_short_rows(tmp_path):
+    f = write_bb(tmp_path / "1.csv", steady(5))
+    f.write_text(f.read_text().replace("\n", "\n\n", 2) + "\n  \n")
+    assert load_trace(tmp_path).n_periods == 5
+
+
+def test_span_beyond_the_maximum_needs_days(tmp_path):
+    from rescoin.tracecheck import MAX_SPAN_DAYS
+
+    n = MAX_SPAN_DAYS + 30
+    write_bb(tmp_path / "1.csv", [bb_row(T0 + 86400 * i) for i in range(n)])  # one sample a day
+    with pytest.raises(TraceError) as e:
+        load_trace(tmp_path)
+    assert f"{n - 1} days to replay, more than the {MAX_SPAN_DAYS}" in str(e.value) and "--days" in str(e.value)
+    assert load_trace(tmp_path, days=7).n_periods == 7 * 288
+
+
+def test_messages_use_the_command_line_option_names(tmp_path):
+    write_bb(tmp_path / "1.csv", steady(5))
+    with pytest.raises(TraceError, match="lower --vms or --vm-offset"):
+        load_trace(tmp_path, vms=3)
+    with pytest.raises(TraceError, match="choose a smaller --start-day"):
+        load_trace(tmp_path, start_day=5)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(traces, "MAX_GRID_BYTES", 64)
+    try:
+        with pytest.raises(TraceError, match="pass --vms or --days to load less"):
+            load_trace(tmp_path)
+    finally:
+        monkey.undo()
+
+
+def test_simulate_prints_the_warning_once(tmp_path):
+    """The real program: the warning reaches stderr as one line (logging as the CLI sets it up)."""
+    import subprocess
+    import sys
+
+    rows = steady(40)
+    rows[20][0] = 1
+    f = write_bb(tmp_path / "1.csv", rows)
+    p = subprocess.run([sys.executable, "-m", "rescoin.cli", "simulate", "--trace", str(tmp_path), "--policies",
+                        "static", "--format", "json"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0, p.stderr
+    warned = [line for line in p.stderr.splitlines() if "timestamp 1 " in line]
+    assert len(warned) == 1 and f"{f}:22:" in warned[0] and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("extra", ["short", "long"])
+def test_azure_short_and_long_rows_are_both_errors_naming_the_line(extra, tmp_path):
+    rows = azure_rows()
+    rows[4] = rows[4][:3] if extra == "short" else rows[4] + (7.0,)
+    f = write_azure(tmp_path, "vm_cpu_readings-file-1-of-1.csv", rows)
+    with pytest.raises(TraceError) as e:
+        load_trace(tmp_path)
+    assert str(e.value).startswith(f"{f}:5: expected 5 fields")
