@@ -12,7 +12,9 @@ control loop:
 - claimed used memory is capped at what the host sees the guest using, plus
   a margin for the balloon statistics' lag;
 - a memory-pressure claim counts only as far as the host's own swap-in and
-  major-fault counters show pressure;
+  major-fault counters show pressure, or in full when the balloon statistics
+  show the guest nearly out of memory (a guest without swap stalls in reclaim
+  with few major faults);
 - what the host cannot check is passed on as *unconfirmed*; the guard then
   bounds how fast it can move the VM's allocation.
 """
@@ -27,6 +29,8 @@ NAN = float("nan")
 #: headroom over the host's view of used memory a claim may have (the balloon statistics lag a little)
 USED_MARGIN_MIB = 32.0
 USED_MARGIN_FRAC = 0.05
+#: the balloon statistics back any pressure claim when the guest uses this share of its memory
+NEARLY_FULL = 0.9
 #: a discounted memory-pressure claim is worth a log line from this much on
 NOTE_SIGNAL = 0.1
 
@@ -41,6 +45,7 @@ class HostMemory:
     """One VM's memory as the host measures it; NaN = not measured this period."""
 
     used_mib: float  # balloon statistics: available - usable (else - unused)
+    total_mib: float  # balloon statistics: available (the guest's MemTotal)
     rss_mib: float  # resident memory of the QEMU process
     swap_in_kib: float  # cumulative, from the balloon statistics
     major_faults: float  # cumulative
@@ -54,6 +59,7 @@ class HostMemory:
         fault = stats.get("balloon.major_fault")
         return HostMemory(
             used_mib=max(avail - free, 0.0) if not (math.isnan(avail) or math.isnan(free)) else NAN,
+            total_mib=avail,
             rss_mib=_kib_to_mib(stats, "balloon.rss"),
             swap_in_kib=_kib_to_mib(stats, "balloon.swap_in") * 1024.0,
             major_faults=float(fault) if isinstance(fault, (int, float)) and fault >= 0 else NAN,
@@ -93,6 +99,8 @@ def cross_check(used_mib: float, signal: float, now: HostMemory, before: HostMem
     used_ok = math.isnan(used_mib) or not math.isnan(now.used_mib)
 
     host = now.pressure_since(before, seconds)
+    if now.used_mib >= NEARLY_FULL * now.total_mib:
+        host = max(host, signal) if not math.isnan(host) else signal
     if signal > 0 and host < signal:
         if signal - host >= NOTE_SIGNAL:
             notes.append(f"claims memory pressure {signal:.2f}, the host's swap-in and major faults show {host:.2f}")

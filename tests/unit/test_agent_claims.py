@@ -47,6 +47,14 @@ def test_honest_agent_passes_unchanged():
     assert c.confirmed and c.note == ""
 
 
+def test_pressure_is_backed_when_the_host_sees_the_guest_nearly_full():
+    # no swap, no major faults (rootfs in RAM), but the balloon statistics show 460 of 480 MiB used
+    before = HostMemory.from_stats(stats(used_mib=455.0, rss_mib=500.0))
+    now = HostMemory.from_stats(stats(used_mib=460.0, rss_mib=500.0))
+    c = cross_check(465.0, 0.4, now, before, 2.0)
+    assert (c.used_mib, c.signal, c.confirmed, c.note) == (465.0, 0.4, True, "")
+
+
 def test_rss_bounds_the_claim_without_balloon_usage():
     # no usable/unused figures (balloon driver without stats): the QEMU process's resident memory bounds
     now = HostMemory.from_stats({"balloon.rss": 250 * MIB})
