@@ -52,6 +52,7 @@ WRITE_TIMEOUT = 5.0         # give up on a reply the host does not take
 TCP_IDLE_TIMEOUT = 300.0    # close TCP connections idle this long
 MAX_TCP_CLIENTS = 64
 NONCE_MAX = 128             # longest nonce echoed back
+CHAOS_MODES = ("garbage", "hang", "exit", "normal", "lie", "huge")  # --test-hooks only
 
 MEMINFO_FIELDS = (
     ("MemTotal", "total_kib"),
@@ -192,6 +193,7 @@ class Agent(object):
         self.key = key
         self.test_hooks = test_hooks
         self.mode = "normal"
+        self.mode_since = time.time()
         self._lock = threading.Lock()
 
     def _encode(self, obj):
@@ -201,12 +203,28 @@ class Agent(object):
             text = json.dumps({"payload": text, "hmac": mac}, separators=(",", ":"))
         return text.encode("utf-8") + b"\n"
 
-    def stats(self, nonce=None):
+    def stats(self, nonce=None, mode="normal"):
         reply = {"v": VERSION, "ts": time.time()}
         if nonce is not None:
             reply["nonce"] = nonce
         reply.update(collect(self.proc_root))
+        if mode == "lie":
+            self._lie(reply)
+        elif mode == "huge":
+            reply["mem"] = dict((name, 10 ** 18) for name in ("total_kib", "available_kib", "free_kib"))
+            reply["vmstat"] = {"pgmajfault": 2 ** 64, "pswpin": 2 ** 64}
         return reply
+
+    def _lie(self, reply):
+        """Claim starvation while idle: almost nothing available, high pressure, counters racing."""
+        mem = reply.setdefault("mem", {})
+        total = mem.get("total_kib", 262144)
+        mem.update(total_kib=total, available_kib=total // 100, free_kib=total // 200)
+        busy = int((time.time() - self.mode_since) * 5000)
+        reply["vmstat"] = {"pgmajfault": busy, "pswpin": busy}
+        psi = reply.setdefault("psi", {})
+        psi["memory"] = {"some_avg10": 90.0, "some_avg60": 80.0, "some_avg300": 50.0,
+                         "full_avg10": 60.0, "full_avg60": 50.0, "full_avg300": 30.0}
 
     @staticmethod
     def _garbage():
@@ -254,7 +272,7 @@ class Agent(object):
         if mode == "garbage":
             return self._garbage()
         if op == "stats":
-            return self._encode(self.stats(nonce))
+            return self._encode(self.stats(nonce, mode))
         reply = {"v": VERSION, "error": "unknown op"}
         if nonce is not None:
             reply["nonce"] = nonce
@@ -262,7 +280,7 @@ class Agent(object):
 
     def _chaos(self, request, nonce):
         mode = request.get("mode")
-        if mode not in ("garbage", "hang", "exit", "normal"):
+        if mode not in CHAOS_MODES:
             return self._encode({"v": VERSION, "error": "bad chaos mode"})
         log("test hook: chaos mode %s" % mode)
         if mode == "exit":
@@ -270,6 +288,7 @@ class Agent(object):
             os._exit(3)
         with self._lock:
             self.mode = mode
+            self.mode_since = time.time()
         reply = {"v": VERSION, "ok": True, "chaos": mode}
         if nonce is not None:
             reply["nonce"] = nonce

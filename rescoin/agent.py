@@ -33,6 +33,8 @@ PROTOCOL_VERSION = 1
 NAN = float("nan")
 #: largest value accepted for any counter or size (64-bit kernel counters)
 MAX_VALUE = float(2**64)
+#: how far above the VM's configured memory a guest's MemTotal may be (rounding, hot-plugged DIMMs)
+SIZE_SLACK = 0.05
 #: half-saturation rates of the memory-pressure heuristic used without PSI
 SWAPIN_HALF_RATE = 256.0  # pages/s swapped in (1 MiB/s with 4 KiB pages) -> 0.5
 MAJFAULT_HALF_RATE = 1000.0  # major faults/s -> 0.5
@@ -254,6 +256,24 @@ def _parse(line, key, nonce, now, max_age) -> AgentReport:
     )
 
 
+def check_size(report: AgentReport, max_mib: float) -> None:
+    """Reject a report whose memory sizes no guest of ``max_mib`` MiB could have.
+
+    Values up to 2**64 parse, but a MemTotal beyond the VM's configured size
+    (plus a little for what the balloon reports differently) is a broken or
+    hostile agent: the caller treats the VM as having no agent data this period,
+    so the value never reaches forecasts or credits.
+    """
+    if not max_mib > 0 or not math.isfinite(max_mib):
+        return
+    limit = max_mib * (1.0 + SIZE_SLACK) + 64.0
+    for name in ("mem_total_mib", "mem_available_mib", "mem_free_mib"):
+        value = getattr(report, name)
+        if value > limit:
+            raise AgentError(f"{name.replace('_mib', '')} {value:.6g} MiB is beyond the VM's "
+                             f"{max_mib:.0f} MiB: ignoring this agent's data")
+
+
 def load_key(path: str | Path) -> bytes:
     """The shared HMAC key from ``path`` (surrounding whitespace stripped).
 
@@ -294,6 +314,19 @@ def _saturating(rate: float, half: float) -> float:
     return rate / (rate + half) if math.isfinite(rate) and rate >= 0 else NAN
 
 
+def swap_fault_pressure(swapped_in_pages: float, major_faults: float, seconds: float) -> float:
+    """Memory pressure in [0, 1) from swap-in and major-fault counts over ``seconds``; NaN = unknown.
+
+    ``rate / (rate + half_rate)`` for each, the larger of the two. The guest's
+    agent counters and the host's balloon statistics go through this one rule.
+    """
+    if not (math.isfinite(seconds) and seconds > 0):
+        return NAN
+    known = [x for x in (_saturating(swapped_in_pages / seconds, SWAPIN_HALF_RATE),
+                         _saturating(major_faults / seconds, MAJFAULT_HALF_RATE)) if not math.isnan(x)]
+    return max(known) if known else NAN
+
+
 def signals_from(report: AgentReport, prev: AgentReport | None = None) -> dict[Resource, float]:
     """Unmet-demand signals in [0, 1] (NaN = not known) from two consecutive reports.
 
@@ -309,11 +342,8 @@ def signals_from(report: AgentReport, prev: AgentReport | None = None) -> dict[R
     if prev is not None:
         if math.isnan(memory):
             dt = report.ts - prev.ts
-            if math.isfinite(dt) and dt > 0:
-                swap = _saturating(_delta(report.swap_in, prev.swap_in) / dt, SWAPIN_HALF_RATE)
-                fault = _saturating(_delta(report.major_faults, prev.major_faults) / dt, MAJFAULT_HALF_RATE)
-                known = [x for x in (swap, fault) if not math.isnan(x)]
-                memory = max(known) if known else NAN
+            memory = swap_fault_pressure(_delta(report.swap_in, prev.swap_in),
+                                         _delta(report.major_faults, prev.major_faults), dt)
         d_total = _delta(report.cpu_total_ticks, prev.cpu_total_ticks)
         d_steal = _delta(report.cpu_steal_ticks, prev.cpu_steal_ticks)
         if d_total > 0 and not math.isnan(d_steal):
@@ -374,6 +404,8 @@ class _Query:
             self.sock.close()
             raise AgentError(f"cannot connect: {os.strerror(err)}")
         self.phase = "connecting"
+        # the HMAC key is for TCP agents only: a virtio-serial channel is host-only
+        self.signed = endpoint.startswith("tcp:")
         # a fresh nonce per agent and query: a reply meant for another VM or an
         # earlier query is never taken for this one
         self.nonce = secrets.token_hex(16)
@@ -386,7 +418,11 @@ class _Query:
 
 
 class AgentClient:
-    """Queries many agents at once with one deadline, so a slow agent never stalls the loop."""
+    """Queries many agents at once with one deadline, so a slow agent never stalls the loop.
+
+    ``key`` signs TCP agents only (``tcp:`` endpoints); virtio-serial channels
+    (``unix:`` endpoints) are host-only and answer unsigned, key or not.
+    """
 
     def __init__(self, timeout: float = 1.0, max_reply: int = 65536, key: bytes | None = None):
         if not timeout > 0:
@@ -486,7 +522,7 @@ class AgentClient:
             if not line.strip():
                 continue
             try:
-                return parse_reply(line, key=self.key, nonce=q.nonce)
+                return parse_reply(line, key=self.key if q.signed else None, nonce=q.nonce)
             except StaleReply:
                 continue  # a late reply to an earlier, timed-out query
         if q.received > self.max_reply:
@@ -499,7 +535,9 @@ __all__ = [
     "AgentError",
     "AgentReport",
     "StaleReply",
+    "check_size",
     "load_key",
     "parse_reply",
     "signals_from",
+    "swap_fault_pressure",
 ]

@@ -6,6 +6,12 @@ an absolute floor, above its maximum; the sum of targets above host memory;
 memory moving faster than a step limit (except growth for a starving guest);
 changes smaller than a dead-band; reclaiming from a VM that just appeared;
 a CPU weight (shares) or a net/disk cap below the VM's entitlement.
+
+Memory figures a host cannot corroborate (``Observation.confirmed`` false: a
+guest agent's claim) protect what the VM has but never raise its floor, and
+never earn the fast growth of a starving guest. A per-VM memory limit caps
+what a policy proposes; the floors, the first-sight rule and the step limit
+still apply, and where the floor is above the limit the floor wins.
 """
 from __future__ import annotations
 
@@ -73,6 +79,21 @@ class Guard:
         self.config = config or GuardConfig()
         self.config.check()
         self.warnings: list[str] = []
+        self._warned: dict[str, set[str]] = {}  # kind -> keys whose warning was given and still holds
+
+    def _once(self, kind: str, now: dict[str, str]) -> None:
+        """Warn for each key of ``kind`` when its condition starts, not every period while it lasts."""
+        before = self._warned.get(kind, set())
+        self.warnings += [msg for key, msg in now.items() if key not in before]
+        self._warned[kind] = set(now)
+
+    @staticmethod
+    def _memory_max(obs: Observation) -> np.ndarray:
+        """The most memory a VM can hold (its own maximum), even above a per-VM limit."""
+        size = obs.vms.sizes[:, MEMORY]
+        top = size if obs.vms.balloon_max is None else np.where(np.isnan(obs.vms.balloon_max), size,
+                                                                 obs.vms.balloon_max)
+        return fillnan(top, np.inf)
 
     def memory_floor(self, obs: Observation) -> np.ndarray:
         c = self.config
@@ -81,18 +102,28 @@ class Guard:
         reserve = np.maximum(c.mem_reserve_mib, c.mem_reserve_frac * used)
         # unknown usage (no agent, no balloon stats): never reclaim below what the guest has now
         need = np.where(np.isnan(used), cur, used + reserve)
+        if obs.confirmed is not None:  # a claim the host cannot back protects, but cannot raise, the floor
+            need = np.where(obs.confirmed, need, np.minimum(need, cur))
         floor = np.maximum.reduce([np.full_like(cur, c.mem_floor_mib), obs.vms.min_memory, need])
-        return np.minimum(floor, fillnan(obs.vms.sizes[:, MEMORY], np.inf))
+        return np.minimum(floor, self._memory_max(obs))
 
     def _balloon(self, want: np.ndarray, obs: Observation, capacity: float, entitled: np.ndarray) -> np.ndarray:
         c = self.config
-        size = fillnan(obs.vms.sizes[:, MEMORY], np.inf)
+        size = self._memory_max(obs)
+        limit = fillnan(obs.vms.sizes[:, MEMORY], np.inf)  # a per-VM limit, else the same as size
         cur = np.where(np.isnan(obs.controls.balloon), size, obs.controls.balloon)
-        want = np.where(np.isnan(want), cur, want)
+        want = np.minimum(np.where(np.isnan(want), cur, want), limit)
         floor = self.memory_floor(obs)
+        ceiling = np.maximum(limit, floor)  # the floor protects the guest, even above its limit
+        self._once("limit", {u: f"VM {name}: its memory limit {lim:.0f} MiB is below its floor {f:.0f} MiB "
+                                "(use plus reserve, minimum or absolute floor): keeping the floor"
+                             for u, name, lim, f in zip(obs.vms.uuids, obs.vms.names, limit, floor)
+                             if lim < f - 0.5})
         used = fillnan(obs.usage[:, MEMORY], 0.0)
         sig = fillnan(obs.signal[:, MEMORY], 0.0)
         starving = (sig > c.starving_signal) | (used >= c.starving_used * cur)
+        if obs.confirmed is not None:  # an unconfirmed claim of starving gets no fast growth
+            starving &= obs.confirmed
 
         target = np.clip(want, floor, size)
         target = np.where(obs.age == 0, np.maximum(target, np.minimum(cur, size)), target)
@@ -107,20 +138,41 @@ class Guard:
         band = np.where(target < cur, np.maximum(c.mem_deadband_mib, c.mem_deadband_frac * scale),
                         np.maximum(c.mem_deadband_mib, c.mem_grow_deadband_frac * scale))
         grow_back = (target > cur) & (cur < entitled * (1.0 - 1e-3))  # growth back to the entitlement always goes
-        keep = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= size) & ~grow_back
+        keep = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= ceiling) & ~grow_back
         held = np.where(keep, np.maximum(cur - target, 0.0), 0.0)  # memory the dead-band keeps in place
         target = np.where(keep, cur, target)
 
-        if np.isfinite(capacity) and target.sum() > capacity:
+        fits = not np.isfinite(capacity) or target.sum() <= capacity
+        if not fits:
             target = self._fit_memory(target, cur, floor, starving, entitled, capacity, held)
             # after fitting, skip what became small changes, as long as host memory still holds
-            small = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= size)
+            small = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= ceiling)
             lower = small & (cur <= target) & ~grow_back  # keeping a lower target never breaks the sum
             target = np.where(lower, cur, target)
             higher = small & (cur > target)
             if np.where(higher, cur, target).sum() <= capacity:
                 target = np.where(higher, cur, target)
+        over = not fits and target.sum() > capacity + 1e-6
+        self._once("floors", {"host": f"memory floors need {floor.sum():.0f} MiB but the host has {capacity:.0f} MiB "
+                                      "after its reserve: holding memory growth; lower per-VM minimums or run "
+                                      "fewer VMs"} if over else {})
+        if over:
+            target = self._hold_growth(target, cur, capacity)
         return target
+
+    @staticmethod
+    def _hold_growth(target: np.ndarray, cur: np.ndarray, capacity: float) -> np.ndarray:
+        """Scale growth into what is left of host memory (none left: hold it); shrinking goes on.
+
+        Used when the floors alone exceed host memory: a target that grows would
+        push the host past its reserve, so only the room left under it is given.
+        """
+        base = np.minimum(target, cur)
+        growth = target - base
+        room = capacity - base.sum()
+        if growth.sum() <= 0 or room <= 0:
+            return base
+        return base + growth * min(1.0, room / growth.sum())
 
     def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray, starving: np.ndarray,
                     entitled: np.ndarray, capacity: float, held: np.ndarray) -> np.ndarray:
@@ -152,12 +204,6 @@ class Guard:
             take = pieces(target)[stage]
             if take.sum() > 0:
                 target = target - take * min(1.0, over / take.sum())
-        over = target.sum() - capacity
-        if over > 1e-6:
-            self.warnings.append(
-                f"memory floors need {target.sum():.0f} MiB but the host has {capacity:.0f} MiB "
-                "after its reserve: lower per-VM minimums or run fewer VMs"
-            )
         return target
 
     def plan(self, alloc: Allocation, obs: Observation, capacity: np.ndarray,

@@ -29,6 +29,9 @@ class VMSet:
     sizes: np.ndarray  # (n, N_RES): vCPUs, max memory MiB, nominal disk/net KiB/s (NaN: none)
     min_memory: np.ndarray  # (n,) MiB the guest must keep (memtune min_guarantee, config)
     weight: np.ndarray  # (n,) per-VM weight from the config, 1.0 by default
+    # (n,) the VM's own maximum memory (libvirt) when a per-VM limit lowers sizes' memory below it;
+    # None or NaN = as sizes. The guard may exceed the limit, never this, to keep a guest's floor.
+    balloon_max: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -46,7 +49,7 @@ class VMSet:
         return np.repeat(np.arange(self.n), self.vcpus)
 
     @staticmethod
-    def build(uuids, names, sizes, min_memory=None, weight=None) -> "VMSet":
+    def build(uuids, names, sizes, min_memory=None, weight=None, balloon_max=None) -> "VMSet":
         uuids = np.asarray(uuids, dtype=str)
         n = uuids.shape[0]
         sizes = np.asarray(sizes, dtype=float).reshape(n, N_RES)
@@ -56,6 +59,7 @@ class VMSet:
             sizes=sizes,
             min_memory=np.zeros(n) if min_memory is None else np.asarray(min_memory, dtype=float),
             weight=np.ones(n) if weight is None else np.asarray(weight, dtype=float),
+            balloon_max=None if balloon_max is None else np.asarray(balloon_max, dtype=float),
         )
 
 
@@ -109,6 +113,9 @@ class Observation:
     signal: np.ndarray  # (n, N_RES) unmet-demand pressure in [0, 1], NaN = not known
     controls: Controls  # what is applied now
     age: np.ndarray  # (n,) periods since the VM was first seen (0 = new this period)
+    # (n,) bool: the host's own measurements corroborate the VM's memory usage and signal
+    # (agent data is a claim); None = every VM's (a simulated host)
+    confirmed: np.ndarray | None = None
     truth: np.ndarray | None = None  # (n, N_RES) true demand of this period: SimHost only, for metrics
     truth_next: np.ndarray | None = None  # (n, N_RES) true demand of the next period: for the oracle only
 

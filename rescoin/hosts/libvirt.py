@@ -25,6 +25,7 @@ from ..model import Controls, Observation, Plan, VMSet
 from ..resources import CPU, DISK, MEMORY, N_RES, NET, HostCapacity
 from .actuators import Actuator, LibvirtActuator
 from .base import ApplyResult
+from .claims import HostMemory, cross_check
 
 log = logging.getLogger("rescoin.libvirt")
 
@@ -74,6 +75,9 @@ class VMState:
     disks: list[str] = field(default_factory=list)
     last: dict[str, float] = field(default_factory=dict)  # counters at the previous sample
     last_agent: Any = None
+    mem: HostMemory | None = None  # the host's own view of the VM's memory, this period and the one before
+    mem_before: HostMemory | None = None
+    agent_doubt: str = ""  # what the last cross-check discounted (logged when it starts)
     last_actions: list[str] = field(default_factory=list)
 
 
@@ -318,6 +322,7 @@ class LibvirtHost:
         self.t += 1
         rows: list[VMState] = []
         usage, signal, doms = [], [], {}
+        confirmed: list[bool] = []
         seen = set()
         for dom, stats in records:
             uuid = dom.UUIDString()
@@ -334,13 +339,14 @@ class LibvirtHost:
             rows.append(state)
             usage.append(u)
             signal.append(s)
+            confirmed.append(True)
             doms[uuid] = dom
         for gone in set(self.vms) - seen:
             log.info("VM %s (%s) is gone", self.vms[gone].name, gone)
             del self.vms[gone]
         self._doms = doms
         if self.agents is not None:
-            self._agent_data(rows, usage, signal)
+            self._agent_data(rows, usage, signal, confirmed, interval)
         n = len(rows)
         cfgs = [self.vm_config(r.uuid, r.name) for r in rows] if self.vm_config else [None] * n
         max_mib = [min(r.max_mib, c.max_memory_mib) if c is not None and c.max_memory_mib > 0 else r.max_mib
@@ -352,12 +358,14 @@ class LibvirtHost:
             min_memory=np.array([max(r.min_mib, c.min_memory_mib if c is not None else 0.0)
                                  for r, c in zip(rows, cfgs)]),
             weight=np.array([c.weight if c is not None else 1.0 for c in cfgs]),
+            balloon_max=np.array([r.max_mib for r in rows]),
         )
         return Observation(
             ts=now, interval=interval if np.isfinite(interval) else 0.0, host=cap, vms=vms,
             usage=np.array(usage, dtype=float).reshape(n, N_RES),
             signal=np.array(signal, dtype=float).reshape(n, N_RES),
             controls=self._controls(rows), age=np.array([self.t - r.first_seen for r in rows], dtype=np.intp),
+            confirmed=np.array(confirmed, dtype=bool),
         )
 
     def _rates(self, state: VMState, stats: dict, interval: float) -> tuple[list[float], list[float]]:
@@ -385,16 +393,17 @@ class LibvirtHost:
         if np.isfinite(delay):
             # share of wall time the vCPUs were runnable but not running: steal seen from the host
             s[CPU] = min(1.0, delay / max(state.vcpus, 1))
-        avail, usable, unused = stats.get("balloon.available"), stats.get("balloon.usable"), stats.get("balloon.unused")
-        if avail is not None and (usable is not None or unused is not None):
-            u[MEMORY] = (avail - (usable if usable is not None else unused)) / 1024.0
+        state.mem_before, state.mem = state.mem, HostMemory.from_stats(stats)
+        u[MEMORY] = state.mem.used_mib
         cur_b = stats.get("balloon.current")
         if cur_b is not None:
             state.controls["balloon"] = cur_b / 1024.0
         return u, s
 
-    def _agent_data(self, rows: list[VMState], usage: list, signal: list) -> None:
-        from ..agent import signals_from
+    def _agent_data(self, rows: list[VMState], usage: list, signal: list, confirmed: list,
+                    interval: float) -> None:
+        """Merge what the guest agents say, as claims checked against the host's own view."""
+        from ..agent import AgentError, check_size, signals_from
 
         endpoints = {r.uuid: f"tcp:{self.tcp_agents[r.name]}" if r.name in self.tcp_agents else r.agent
                      for r in rows if r.agent or r.name in self.tcp_agents}
@@ -403,17 +412,37 @@ class LibvirtHost:
         reports = self.agents.query(endpoints)
         for i, r in enumerate(rows):
             rep = reports.get(r.uuid)
+            if rep is not None:
+                try:
+                    check_size(rep, r.max_mib)
+                except AgentError as e:  # beyond the VM's size: no agent data for this VM this period
+                    self.agents.last_errors[r.uuid] = str(e)
+                    self._doubt(r, str(e))
+                    continue
             if rep is None:
                 continue  # no agent data: balloon statistics stand
-            used = rep.used_mib
-            if np.isfinite(used):
-                usage[i][MEMORY] = used
             sig = signals_from(rep, r.last_agent)
             r.last_agent = rep
+            checked = cross_check(rep.used_mib, sig[MEMORY], r.mem or HostMemory.from_stats({}), r.mem_before,
+                                  interval)
+            self._doubt(r, checked.note)
+            confirmed[i] = checked.confirmed
+            if np.isfinite(checked.used_mib):
+                usage[i][MEMORY] = checked.used_mib
+            sig[MEMORY] = checked.signal
             for res, value in sig.items():
                 # the host's own view of CPU steal (vcpu delay) wins over the guest's
                 if np.isfinite(value) and not (res == CPU and np.isfinite(signal[i][CPU])):
                     signal[i][int(res)] = value
+
+    @staticmethod
+    def _doubt(state: VMState, note: str) -> None:
+        """Log what the host discounts of a VM's agent when it starts, not every period."""
+        if note and not state.agent_doubt:
+            log.warning("VM %s: agent data not trusted: %s", state.name, note)
+        elif not note and state.agent_doubt:
+            log.info("VM %s: agent data agrees with the host again", state.name)
+        state.agent_doubt = note
 
     def _controls(self, rows: list[VMState]) -> Controls:
         n = len(rows)

@@ -5,11 +5,20 @@ and defines extra domains through the host's own connection.
 """
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
+from rescoin.agent import AgentClient  # noqa: E402
 from rescoin.guard import Guard  # noqa: E402
 from rescoin.hosts.libvirt import HostSettings, HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
 from rescoin.loop import ControlLoop  # noqa: E402
@@ -217,4 +226,112 @@ def test_per_vm_config_weight_memory_bounds_and_exclude():
     obs = h.observe()
     assert obs.vms.names.tolist() == ["test"]  # excluded VM not managed
     assert obs.vms.weight[0] == 3.0 and obs.vms.min_memory[0] == 700.0 and obs.vms.sizes[0, 1] == 4096.0
+    h.close()
+
+
+# -- guest agents on the domain's virtio channel (real UNIX sockets) -----------------------------
+
+AGENT_VM = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memory>
+<currentMemory unit='MiB'>1024</currentMemory><vcpu>1</vcpu><os><type>hvm</type></os>
+<devices><channel type='unix'><source mode='bind' path='{path}'/>
+<target type='virtio' name='org.rescoin.agent.0'/></channel></devices></domain>"""
+KEY = b"a shared key of 16+ bytes"
+
+
+class ChannelAgent:
+    """An unsigned agent behind a VM's virtio channel socket, answering with ``mem`` (KiB)."""
+
+    def __init__(self, path: Path, mem: dict) -> None:
+        self.mem = mem
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        self.listener.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                nonce = json.loads(conn.makefile().readline())["nonce"]
+                conn.sendall(json.dumps({"v": 1, "ts": 0, "nonce": nonce, "mem": self.mem}).encode() + b"\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def agent_vm():
+    """make(mem, key) -> a LibvirtHost (agent client with ``key``) and an agent behind VM 'ag'."""
+    tmp = Path(tempfile.mkdtemp(prefix="rcl", dir="/tmp"))  # short: UNIX socket paths
+    made = []
+
+    def make(mem: dict, key: bytes | None = None) -> LibvirtHost:
+        h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0),
+                        agents=AgentClient(timeout=1.0, key=key))
+        path = tmp / "ag.sock"
+        h.lv.connect().defineXML(AGENT_VM.format(name="ag", path=path)).create()
+        made.append((h, ChannelAgent(path, mem)))
+        return h
+
+    yield make
+    for h, agent in made:
+        agent.close()
+        dom = h.lv.connect().lookupByName("ag")  # the test driver's state can outlive a failed test
+        dom.destroy()
+        dom.undefine()
+        h.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def row(obs, name: str) -> int:
+    return obs.vms.names.tolist().index(name)
+
+
+def test_key_file_set_virtio_agent_still_answers(agent_vm):
+    host = agent_vm({"total_kib": 1000 * 1024, "available_kib": 600 * 1024}, key=KEY)  # [agent] key_file set
+    obs = host.observe()
+    i = row(obs, "ag")
+    assert host.agents.last_errors == {}
+    assert obs.usage[i, 1] == pytest.approx(400.0)  # the agent's figure: the test driver has no balloon stats
+    assert not obs.confirmed[i]  # ... so nothing the host measures backs it
+
+
+def test_agent_values_beyond_the_vm_size_are_no_agent_data(agent_vm, caplog):
+    host = agent_vm({"total_kib": 10**18, "available_kib": 1024})  # MemTotal 1e18 KiB in a 1 GiB VM
+    loop = ControlLoop(host, make_policy("rescoin"), period=1.0)
+    with caplog.at_level(logging.WARNING, "rescoin.libvirt"):
+        steps = [loop.step() for _ in range(3)]
+    for step in steps:
+        i = row(step.obs, "ag")
+        assert np.isnan(step.obs.usage[i, 1])  # rejected: as if the VM had no agent
+        fc = step.forecast.value[:, 1] if step.forecast is not None else np.array([])
+        assert np.all(np.isnan(fc) | (fc <= 8192.0)), "an agent's value reached the forecast"
+    assert "beyond the VM's 1024 MiB" in host.agents.last_errors[steps[-1].obs.vms.uuids[i]]
+    assert sum("beyond the VM's" in r.message for r in caplog.records) == 1  # said once, not every period
+
+
+def test_per_vm_max_memory_below_use_keeps_the_floor(caplog):
+    from rescoin.config import parse
+
+    # 64 MiB limit for a guest holding 2048 MiB whose use the host cannot see: nothing is reclaimed
+    cfg = parse("[vm.test]\nmax_memory_mib = 64\n")
+    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0), vm_config=cfg.for_vm)
+    loop = ControlLoop(h, make_policy("rescoin"), period=1.0)
+    dom = h.lv.connect().lookupByName("test")
+    before = dom.info()[2]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            step = loop.step()
+            assert step.plan.controls.balloon[0] >= 256.0
+            assert dom.info()[2] == before, "a target under the floor reached libvirt"
+    assert sum("memory limit 64 MiB is below its floor" in r.message for r in caplog.records) == 1
     h.close()

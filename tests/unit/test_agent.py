@@ -26,6 +26,7 @@ from rescoin.agent import (
     AgentError,
     AgentReport,
     StaleReply,
+    check_size,
     load_key,
     parse_reply,
     signals_from,
@@ -356,6 +357,42 @@ def test_client_through_a_channel_socket_skips_stale_replies(spawn, proc_root, s
         host.close()
 
 
+def test_key_signs_tcp_agents_only_virtio_ones_answer_unsigned(spawn, proc_root, short_dir, tmp_path):
+    # [agent] key_file set: a virtio-serial agent (host-only channel, unsigned) keeps working
+    host, guest = socket.socketpair()
+    spawn("--port-fd", guest.fileno(), "--proc-root", proc_root, pass_fds=(guest.fileno(),))
+    guest.close()
+    relay = ChannelRelay(short_dir / "ch.sock", host)
+    _, tcp = start_tcp_agent(spawn, proc_root, write_key(tmp_path / "key"))
+    try:
+        client = AgentClient(timeout=2.0, key=KEY)
+        result = client.query({"virtio": f"unix:{short_dir / 'ch.sock'}", "tcp": tcp})
+        check_report(result["virtio"])
+        check_report(result["tcp"])
+        assert client.last_errors == {}
+        # a TCP agent must still sign: an unsigned reply over TCP is refused
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            port = listener.getsockname()[1]
+            served = threading.Thread(target=lambda: _unsigned_once(listener), daemon=True)
+            served.start()
+            assert client.query({"tcp": f"tcp:127.0.0.1:{port}"})["tcp"] is None
+            served.join(5)
+        assert "unsigned" in client.last_errors["tcp"]
+    finally:
+        relay.close()
+        host.close()
+
+
+def _unsigned_once(listener: socket.socket) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(5)
+        nonce = json.loads(conn.makefile().readline())["nonce"]
+        conn.sendall(good_reply(nonce))
+
+
 # ---------------------------------------------------------------------------
 # (b) TCP transport with HMAC
 
@@ -639,6 +676,23 @@ def test_chaos_exit(virtio_agent, python):
     with host:
         host.sendall(b'{"op": "chaos", "mode": "exit"}\n')
         assert p.wait(timeout=5) == 3
+
+
+def test_chaos_lie_claims_starvation_huge_claims_2_64(virtio_agent):
+    host, _ = virtio_agent("--test-hooks")
+    with host:
+        ask(host, {"op": "chaos", "mode": "lie"})
+        first = parse_reply(ask(host, {"op": "stats", "nonce": "1"}), nonce="1")
+        time.sleep(0.2)
+        then = parse_reply(ask(host, {"op": "stats", "nonce": "2"}), nonce="2")
+        assert then.mem_available_mib <= 0.011 * then.mem_total_mib and then.psi_memory_some >= 50
+        assert then.major_faults > first.major_faults and then.swap_in > first.swap_in
+        ask(host, {"op": "chaos", "mode": "huge"})
+        huge = parse_reply(ask(host, {"op": "stats", "nonce": "3"}), nonce="3")  # parses: each value < 2^64 ...
+        assert huge.mem_total_mib == pytest.approx(1e18 / 1024)
+        with pytest.raises(AgentError, match="beyond the VM's 2048 MiB"):
+            check_size(huge, 2048.0)  # ... but no 2 GiB guest has that much memory
+        check_size(then, 2048.0)  # a MemTotal within the VM's size is fine
 
 
 def test_chaos_is_off_by_default(virtio_agent):

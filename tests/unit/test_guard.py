@@ -1,6 +1,8 @@
 """The guard: safety floors, step limits, dead-bands, new VMs, weights (DESIGN section 8)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -334,3 +336,85 @@ def test_netcap_only_when_capped(kit):
     alloc.caps[NET] = True
     plan = Guard().plan(alloc, obs, cap)
     np.testing.assert_allclose(plan.controls.netcap, [C.net_min_kibs, 500.0])
+
+
+# -- claims the host cannot confirm (a lying agent), floors over host memory ----------------------
+
+
+def test_unconfirmed_starving_claim_cannot_grab_memory_from_honest_guests(kit):
+    # VM 0's agent claims 2000 MiB used and heavy pressure while the host cannot back it;
+    # VMs 1 and 2 are honest. Host memory 3000: each is entitled to 1000.
+    alloc, obs, cap = setup(kit, [2048.0] * 3, [800.0, 1000.0, 1000.0], [2000.0, 700.0, 500.0],
+                            want=[2048.0, 900.0, 700.0], signal=[0.9, 0.0, 0.0], capacity=3000.0)
+    obs.confirmed = np.array([False, True, True])
+    ent = np.zeros((3, N_RES))
+    ent[:, MEMORY] = 1000.0
+    b = Guard().plan(alloc, obs, cap, ent).controls.balloon
+    assert b[0] <= 800.0 + C.mem_grow_step_frac * 2048.0 + 1e-6, "an unconfirmed claim grows one step at most"
+    want = np.array([900.0, 700.0])
+    assert np.all(b[1:] >= np.minimum(want, 1000.0) - 1e-6), "honest guests keep min(demand, entitlement)"
+    assert b.sum() <= 3000.0 + 1e-6
+    # the same figures, backed by the host: a starving guest grows at once
+    obs.confirmed = np.array([True, True, True])
+    assert Guard().plan(alloc, obs, cap, ent).controls.balloon[0] > b[0]
+
+
+def test_unconfirmed_claim_protects_but_does_not_raise_the_floor(kit):
+    alloc, obs, cap = setup(kit, [4096.0], [1000.0], [3000.0], want=[0.0])
+    obs.confirmed = np.array([False])
+    guard = Guard()
+    np.testing.assert_allclose(guard.memory_floor(obs), [1000.0])  # what it has, not 3000 + reserve
+    assert guard.plan(alloc, obs, cap).controls.balloon[0] == pytest.approx(1000.0)
+
+
+def test_floors_over_host_memory_hold_growth_and_warn_once(kit):
+    # both guests use 900 of 1000: floors 1028 each, 2056 > 2000 MiB of host memory
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [1000.0, 1000.0], [900.0, 900.0], want=[1500.0, 1500.0],
+                            capacity=2000.0)
+    guard = Guard()
+    for _ in range(3):
+        plan = guard.plan(alloc, obs, cap)
+        assert plan.controls.balloon.sum() <= 2000.0 + 1e-6, "targets past the host reserve were sent"
+        np.testing.assert_allclose(plan.controls.balloon, [1000.0, 1000.0])  # held
+    assert len(guard.warnings) == 1 and "holding memory growth" in guard.warnings[0]
+
+
+def test_floors_over_host_memory_scale_growth_into_the_room_left(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 2, [900.0, 1000.0], [900.0, 900.0], want=[1500.0, 1500.0],
+                            capacity=2000.0)
+    b = Guard().plan(alloc, obs, cap).controls.balloon
+    assert b.sum() == pytest.approx(2000.0)
+    assert b[0] > 900.0 and b[1] >= 1000.0  # growth scaled, nobody shrunk for it
+
+
+# -- a per-VM memory limit goes through the floors, first sight and the step limit -----------------
+
+
+def limited(kit, limit, hw, cur, used, want, age=None):
+    alloc, obs, cap = setup(kit, [limit], [cur], [used], want=[want], age=age)
+    obs.vms = replace(obs.vms, balloon_max=np.array([hw]))
+    return alloc, obs, cap
+
+
+def test_limit_below_use_keeps_the_floor_first_sight_and_step(kit):
+    # max_memory_mib = 64 for a guest using 81 of its 1024: the floor (256) wins over the limit
+    alloc, obs, cap = limited(kit, 64.0, 1024.0, 1024.0, 81.0, 64.0, age=[0])
+    guard = Guard()
+    seen = []
+    for period in range(12):
+        plan = guard.plan(alloc, obs, cap)
+        b = plan.controls.balloon[0]
+        if period == 0:
+            assert b == pytest.approx(1024.0), "reclaimed from a VM seen for the first time"
+        assert b >= 256.0 - 1e-6, "below the floor"
+        assert b >= obs.controls.balloon[0] - C.mem_step_frac * 1024.0 - 1e-6, "faster than the step limit"
+        seen.append(b)
+        obs.controls = plan.controls
+        obs.age = obs.age + 1
+    assert seen[-1] == pytest.approx(256.0)
+    assert sum("memory limit 64 MiB is below its floor 256 MiB" in w for w in guard.warnings) == 1
+
+
+def test_limit_above_the_floor_caps_growth(kit):
+    alloc, obs, cap = limited(kit, 700.0, 1024.0, 600.0, 400.0, 4000.0)
+    assert Guard().plan(alloc, obs, cap).controls.balloon[0] == pytest.approx(700.0)
