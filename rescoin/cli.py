@@ -248,25 +248,25 @@ def _demo_history_dir(given: str | None) -> Path:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .historycsv import HistoryWriter
-    from .paths import PathError
     from .hosts.sim import SimHost
     from .loop import ControlLoop, run_daemon
+    from .paths import PathError
     from .policies import make_policy
     from .simulate import SimSettings, simulate
     from .view import LiveView, metric_tables, progress
 
     console = Console()
+    out = _demo_history_dir(args.history)
+    try:
+        writer = HistoryWriter(out, "demo-host")  # first: a bad --history is the only line printed
+    except PathError as e:
+        raise UserError(str(e)) from None
     path = args.trace or str(_sample())
     trace = _load(path, args.vms, args.days, 0.0, 0, console)
     console.print(f"[bold]rescoin demo[/]: {trace.name}, overcommit {args.overcommit}. "
                   "Data: Bitbrains GWA-T-12 (Shen, van Beek, Iosup, CCGrid 2015; gwa.ewi.tudelft.nl).")
     host = SimHost(trace, overcommit=args.overcommit)
     loop = ControlLoop(host, make_policy("rescoin"), period=float(trace.period))
-    out = _demo_history_dir(args.history)
-    try:
-        writer = HistoryWriter(out, "demo-host")
-    except PathError as e:
-        raise UserError(str(e)) from None
     console.print(f"history: writing to {out}/")
     stop = threading.Event()
     speed = trace.n_periods * trace.period / max(args.seconds, 0.1)

@@ -98,6 +98,7 @@ class Daemon:
         if hasattr(inner, "saved_originals"):
             inner.saved_originals = saved.originals
             inner.pending_restore = saved.unrestored
+            inner.restore_at_start = not cfg.daemon.dry_run  # a dry run changes nothing, not even that
         self.last_step: Step | None = None
         self.periods = 0
 

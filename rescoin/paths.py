@@ -37,6 +37,9 @@ def writable_dir(path: str | Path, what: str) -> Path:
         raise PathError(f"{what} {path} exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"{what} {path} cannot be created: {reason(e)}") from None
+    try:
         with tempfile.TemporaryFile(dir=path, prefix=".rescoin-probe-"):
             pass  # a real write: as root, permission bits say nothing about EROFS or chattr +i
     except OSError as e:

@@ -181,6 +181,7 @@ class LibvirtHost:
         self.vm_config = vm_config  # (uuid, name) -> config.VMConfig: weight, memory bounds, exclude
         self.saved_originals: dict[str, dict] = {}  # from a previous run's state file, by UUID
         self.pending_restore: set[str] = set()  # UUIDs restore() could not reach; restored at the next start
+        self.restore_at_start = True  # False in a dry run: the pending restores wait for a real run
         self.tcp_agents: dict[str, str] = {}  # VM name -> "host:port" of a TCP agent (else the virtio channel)
         self.actuator = actuator or LibvirtActuator()
         self.settings = settings or HostSettings()
@@ -307,7 +308,7 @@ class LibvirtHost:
         self.lv.calls.clear()
         conn = self.lv.connect()
         cap = self.capacity
-        if self.pending_restore:  # what the last run could not restore, with the originals from its state
+        if self.pending_restore and self.restore_at_start:  # what the last run could not restore
             self.pending_restore = restore_pending(self.lv, conn, self.pending_restore, self.saved_originals)
         self._drain_events()
         flags = 0

@@ -4,6 +4,7 @@ libvirt's test driver, real files, a real tiny tmpfs that fills up or turns read
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from rescoin.config import load  # noqa: E402
 from rescoin.daemon import Daemon  # noqa: E402
 from rescoin.hosts.libvirt import HostSettings, LibvirtHost  # noqa: E402
 from rescoin.status import query  # noqa: E402
+from test_daemon import Proc  # noqa: E402 - the child-process helper of the daemon tests
 
 TEST_VM = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's "test" domain
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -44,39 +46,19 @@ def run_args(tmp: Path, state=None, history=None, sock=None) -> list[str]:
             "--status-socket", str(sock or tmp / "status.sock")]
 
 
-class Daemon_:
-    """``rescoin run`` as a child process whose log we read."""
+class RunProc(Proc):
+    """``rescoin run`` as a child process (test_daemon's helper), with other paths if given."""
 
-    def __init__(self, tmp: Path, *extra: str, **paths) -> None:
-        self.log = tmp / f"daemon-{time.monotonic_ns()}.log"
-        self.fh = open(self.log, "w")
-        self.p = subprocess.Popen([sys.executable, "-m", "rescoin.cli", *run_args(tmp, **paths), *extra],
-                                  stdout=self.fh, stderr=subprocess.STDOUT)
+    def __init__(self, tmp: Path, *extra: str, state=None, history=None, sock=None) -> None:
+        given = {"--state": state, "--history": history, "--status-socket": sock}
+        super().__init__(tmp, *extra, *[x for k, v in given.items() if v is not None for x in (k, str(v))])
 
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def periods(self) -> int:
-        return self.text().count(" VMs, ")
-
-    def wait_for(self, what, timeout: float = 30.0) -> None:
-        """Until ``what`` (text in the log, or a number of periods) shows up."""
+    def wait_for(self, text: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while not (what in self.text() if isinstance(what, str) else self.periods() >= what):
+        while text not in self.text():
             assert self.p.poll() is None, self.text()[-3000:]
-            assert time.monotonic() < deadline, f"no {what!r}: {self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r}: {self.text()[-3000:]}"
             time.sleep(0.1)
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-            try:
-                self.p.wait(60)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self.fh.close()
-        return self.p.returncode
 
 
 def one_line_error(res: subprocess.CompletedProcess, match: str) -> None:
@@ -125,9 +107,9 @@ def test_run_refuses_a_state_path_rescoin_did_not_create(tmp_path):
 
 
 def test_inconsistent_state_starts_fresh_and_restore_on_exit_works(tmp_path):
-    first = Daemon_(tmp_path)
+    first = RunProc(tmp_path)
     try:
-        first.wait_for(3)
+        first.wait_periods(3)
     finally:
         assert first.stop() == 0
     path = tmp_path / "state.npz"
@@ -138,9 +120,9 @@ def test_inconsistent_state_starts_fresh_and_restore_on_exit_works(tmp_path):
     originals[TEST_VM]["pins"] = 3  # and an original of the wrong type
     arrays["originals"] = np.array(json.dumps(originals))
     np.savez(path, **arrays)
-    second = Daemon_(tmp_path, "--restore-on-exit")
+    second = RunProc(tmp_path, "--restore-on-exit")
     try:
-        second.wait_for(3)
+        second.wait_periods(3)
     finally:
         assert second.stop() == 0
     text = second.text()
@@ -166,9 +148,9 @@ def test_stale_temp_files_of_an_interrupted_save_are_removed(tmp_path):
 @needs_root
 def test_history_write_errors_do_not_stop_the_daemon(tmp_path):
     with tmpfs(tmp_path / "hist") as hist:
-        d = Daemon_(tmp_path, "--restore-on-exit", history=hist)
+        d = RunProc(tmp_path, "--restore-on-exit", history=hist)
         try:
-            d.wait_for(3)
+            d.wait_periods(3)
             fd = os.open(hist / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk
             with contextlib.suppress(OSError):
                 while os.write(fd, b"x" * 4096):
@@ -176,11 +158,11 @@ def test_history_write_errors_do_not_stop_the_daemon(tmp_path):
             os.close(fd)
             d.wait_for("history is not being written")
             n = d.periods()
-            d.wait_for(n + 3)  # the loop goes on
+            d.wait_periods(n + 3)  # the loop goes on
             (hist / "filler").unlink()
             d.wait_for("history writing resumed")
             n = d.periods()
-            d.wait_for(n + 2)
+            d.wait_periods(n + 2)
         finally:
             rc = d.stop()
         text = d.text()
@@ -221,18 +203,18 @@ def test_history_on_a_disk_turned_read_only_is_retried(tmp_path, caplog):
 
 
 def test_torn_last_history_row_is_repaired_on_restart(tmp_path):
-    first = Daemon_(tmp_path)
+    first = RunProc(tmp_path)
     try:
-        first.wait_for(3)
+        first.wait_periods(3)
     finally:
         first.stop(signal.SIGKILL)
     (csv,) = (tmp_path / "hist").glob("history-*.csv")
     before = len(pd.read_csv(csv))
     with open(csv, "a") as fh:
         fh.write("1764750000,test:///default,6695eb01")  # a row cut short by the crash
-    second = Daemon_(tmp_path)
+    second = RunProc(tmp_path)
     try:
-        second.wait_for(3)
+        second.wait_periods(3)
     finally:
         assert second.stop() == 0
     df = pd.read_csv(csv)  # no options: the torn row is gone
@@ -242,15 +224,15 @@ def test_torn_last_history_row_is_repaired_on_restart(tmp_path):
 
 # -- 5, 6: a second daemon; the status socket -----------------------------------------------------------
 def test_second_daemon_on_the_same_paths_is_refused(tmp_path):
-    first = Daemon_(tmp_path)
+    first = RunProc(tmp_path)
     try:
-        first.wait_for(2)
+        first.wait_periods(2)
         for paths in ({}, {"state": tmp_path / "other.npz"},  # same history and socket
                       {"state": tmp_path / "o2.npz", "history": tmp_path / "h2"}):  # same socket only
             res = rescoin(*run_args(tmp_path, **paths), "--max-periods", "1")
             one_line_error(res, f"in use by another rescoin daemon (pid {first.p.pid})")
         assert first.p.poll() is None and query(tmp_path / "status.sock")["period"] >= 2
-        first.wait_for(first.periods() + 2)
+        first.wait_periods(first.periods() + 2)
     finally:
         assert first.stop() == 0
     (csv,) = (tmp_path / "hist").glob("history-*.csv")
@@ -262,9 +244,9 @@ def test_status_socket_in_a_shared_directory_and_at_a_taken_path(tmp_path):
     shared = tmp_path / "run"
     shared.mkdir()
     os.chmod(shared, 0o1777)
-    d = Daemon_(tmp_path, sock=shared / "status.sock")
+    d = RunProc(tmp_path, sock=shared / "status.sock")
     try:
-        d.wait_for(2)
+        d.wait_periods(2)
         assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
         assert stat.S_IMODE(os.lstat(shared / "status.sock").st_mode) == 0o600
     finally:
@@ -341,9 +323,14 @@ def test_restore_covers_disk_and_net_caps_and_the_memtune_soft_limit():
     host.close()
 
 
-def _daemon(tmp: Path) -> Daemon:
+def _daemon(tmp: Path, dry_run: bool = False) -> Daemon:
+    from rich.console import Console
+
+    from rescoin.cli import DryRunHost
+
     cfg = load(_config(tmp))
-    return Daemon(replace(cfg, daemon=replace(cfg.daemon, restore_on_exit=True)))
+    cfg = replace(cfg, daemon=replace(cfg.daemon, restore_on_exit=True, dry_run=dry_run))
+    return Daemon(cfg, dry_run_host=(lambda h: DryRunHost(h, Console(file=io.StringIO()))) if dry_run else None)
 
 
 def _config(tmp: Path) -> Path:
@@ -370,6 +357,15 @@ def test_restore_with_libvirtd_down_keeps_the_vms_for_the_next_start(tmp_path, c
     with np.load(tmp_path / "state.npz") as data:
         assert json.loads(str(data["unrestored"])) == [TEST_VM]
         assert json.loads(str(data["originals"]))[TEST_VM]["blkio"] == 500
+
+    dry = _daemon(tmp_path, dry_run=True)  # a dry run applies nothing, not even the pending restores
+    dom = dry.host.host.lv.connect().lookupByName("test")
+    _set_caps(dom, blkio=100, net=7, disk=1024, soft=900000)
+    dry._after_step(dry.step())
+    assert _caps(dom)[:5] == (100, 7, 7, 1024, 900000)
+    dry.close()
+    with np.load(tmp_path / "state.npz") as data:
+        assert json.loads(str(data["unrestored"])) == [TEST_VM]
 
     second = _daemon(tmp_path)  # the next start: libvirtd is back
     dom = second.host.lv.connect().lookupByName("test")
