@@ -19,7 +19,7 @@ from dataclasses import replace
 from fnmatch import fnmatch
 
 from . import __version__
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, DaemonConfig, load
 from .guard import Guard
 from .history import History
 from .historycsv import HistoryWriter
@@ -102,7 +102,7 @@ class Daemon:
         self.last_step: Step | None = None
         self.periods = 0
 
-    def _open_paths(self, d, window: int) -> Saved:
+    def _open_paths(self, d: DaemonConfig, window: int) -> Saved:
         """State file, history directory and status socket, each checked and locked; PathError if unusable.
 
         Every path is checked before the state is loaded, so a bad one is the only line printed.

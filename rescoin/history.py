@@ -197,5 +197,6 @@ def _expect(key: str, value: np.ndarray, shape: tuple, kinds: str) -> np.ndarray
     fits = value.ndim == len(shape) and all(want is None or got == want for got, want in zip(value.shape, shape))
     if not fits or value.dtype.kind not in kinds:
         want = "x".join("n" if s is None else str(s) for s in shape) or "a scalar"
-        raise ValueError(f"{key!r} has shape {value.shape} and type {value.dtype}; expected {want} of {kinds}")
+        kind = {"f": "floats", "iu": "integers", "U": "strings"}.get(kinds, "numbers")
+        raise ValueError(f"{key!r} has shape {value.shape} and type {value.dtype}; expected {want} {kind}")
     return np.array(value, dtype=float) if kinds == "f" else np.array(value)
