@@ -287,7 +287,8 @@ class LibvirtHost:
             interfaces=[i.find("target").get("dev") for i in root.iter("interface") if i.find("target") is not None],
             disks=[d.find("target").get("dev") for d in root.iter("disk") if d.find("target") is not None],
         )
-        found.update(original_caps(self.lv, dom, state))  # after ``state``: it knows the disks and interfaces
+        if uuid not in self.saved_originals:  # after ``state``: it knows the disks and interfaces
+            found.update(original_caps(self.lv, dom, state))
         st = found
         pin0 = _first_set(tuple(pins[0])) if pins else (-1, 1)
         state.controls = {"shares": float(st["shares"]) if st["shares"] is not None else np.nan,
@@ -519,4 +520,3 @@ class LibvirtHost:
 
     def close(self) -> None:
         self.lv.close()
-
