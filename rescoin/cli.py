@@ -241,29 +241,50 @@ class DryRunHost:
 
 
 # -- demo -------------------------------------------------------------------------------------
+def _demo_history_dir(given: str | None) -> Path:
+    """A directory no earlier run wrote to: a second demo never doubles the rows analyze sees."""
+    if given is not None:
+        if Path(given).is_dir() and any(Path(given).glob("history-*.csv")):
+            raise UserError(f"{given} already holds history from an earlier run; give a new directory "
+                            "(or leave out --history for a fresh one)")
+        return Path(given)
+    base = f"rescoin-history-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = Path(base), 1
+    while out.exists():
+        n += 1
+        out = Path(f"{base}-{n}")
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .historycsv import HistoryWriter
     from .hosts.sim import SimHost
     from .loop import ControlLoop, run_daemon
+    from .paths import PathError
     from .policies import make_policy
     from .simulate import SimSettings, simulate
     from .view import LiveView, metric_tables, progress
 
     console = Console()
+    out = _demo_history_dir(args.history)
+    try:
+        writer = HistoryWriter(out, "demo-host")  # first: a bad --history is the only line printed
+    except PathError as e:
+        raise UserError(str(e)) from None
     path = args.trace or str(_sample())
     trace = _load(path, args.vms, args.days, 0.0, 0, console)
     console.print(f"[bold]rescoin demo[/]: {trace.name}, overcommit {args.overcommit}. "
                   "Data: Bitbrains GWA-T-12 (Shen, van Beek, Iosup, CCGrid 2015; gwa.ewi.tudelft.nl).")
     host = SimHost(trace, overcommit=args.overcommit)
     loop = ControlLoop(host, make_policy("rescoin"), period=float(trace.period))
-    out = Path(args.history)
+    console.print(f"history: writing to {out}/")
     stop = threading.Event()
     speed = trace.n_periods * trace.period / max(args.seconds, 0.1)
-    with HistoryWriter(out, "demo-host") as writer, LiveView(console, "rescoin on a simulated host") as view:
+    with writer, LiveView(console, "rescoin on a simulated host") as view:
         last = {}
 
         def on_step(step) -> None:
-            writer.write(step, loop.history)
+            writer.try_write(step, loop.history)
             view.update(step, loop.history)
             last["step"] = step
 
@@ -359,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--days", type=_positive(float), default=None)
     d.add_argument("--overcommit", type=_positive(float), default=1.5)
     d.add_argument("--seconds", type=_positive(float), default=20.0, help="wall time for the live replay")
-    d.add_argument("--history", default="rescoin-history", metavar="DIR", help="where to write history CSV")
+    d.add_argument("--history", default=None, metavar="DIR",
+                   help="a new directory for the history CSV (default: a new ./rescoin-history-DATE-TIME)")
     d.set_defaults(func=cmd_demo)
 
     from .analysis import add_analyze_parser

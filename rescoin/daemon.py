@@ -1,7 +1,9 @@
 """The scheduler daemon: the control loop plus everything an operator needs around it.
 
 - history CSV each period, daemon state saved atomically each period (a
-  restart or a crash resumes credits and history);
+  restart or a crash resumes credits and history; ``rescoin.state``), each
+  path locked so a second daemon on the same paths is refused; a history
+  write error is said once and retried, never the end of the daemon;
 - SIGTERM/SIGINT stop after the current period (flushing everything, and with
   ``restore_on_exit`` putting back every VM's original settings); SIGHUP
   reloads the configuration without losing history or credits;
@@ -10,82 +12,25 @@
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
-import tempfile
 import threading
 from dataclasses import replace
 from fnmatch import fnmatch
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from . import __version__
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, DaemonConfig, load
 from .guard import Guard
 from .history import History
 from .historycsv import HistoryWriter
+from .hosts.restore import RESTORE_TIMEOUT
 from .loop import ControlLoop, Step, run_daemon
+from .paths import PathLock
 from .policies import make_policy
 from .predict import load_model
+from .state import Saved, StateFile
 
 log = logging.getLogger("rescoin.daemon")
-
-
-# -- state ------------------------------------------------------------------------------
-def save_state(path: str | Path, history: History, host: Any) -> None:
-    """Write history (with credits) and the VMs' original settings atomically: temp file, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = history.snapshot()
-    originals = {u: s.original for u, s in getattr(host, "vms", {}).items()}
-    originals.update({u: o for u, o in getattr(host, "saved_originals", {}).items() if u not in originals})
-    arrays["originals"] = np.array(json.dumps(originals, default=_json_default))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(type(x))
-
-
-def load_state(path: str | Path, window: int) -> tuple[History, dict]:
-    """History and original VM settings from a state file; a missing or damaged file starts fresh."""
-    path = Path(path)
-    if not path.exists():
-        return History(window), {}
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        originals = json.loads(str(arrays.pop("originals", "{}")))
-        history = History.restore(arrays)
-        log.info("resumed from %s: %d periods of history for %d VMs", path, history.t, history.n)
-        return history, originals
-    except Exception as e:  # noqa: BLE001 - a damaged state file must not stop the daemon
-        broken = path.with_suffix(path.suffix + ".broken")
-        path.replace(broken)
-        log.warning("state file %s is damaged (%s); moved to %s and starting fresh", path, e, broken)
-        return History(window), {}
 
 
 # -- the host -------------------------------------------------------------------------------
@@ -136,18 +81,52 @@ class Daemon:
         self.host = build_host(cfg, sim)
         if dry_run_host is not None:
             self.host = dry_run_host(self.host)
-        window = 60
-        self.history, originals = load_state(cfg.daemon.state_file, window) if cfg.daemon.state_file else (
-            History(window), {})
-        inner = getattr(self.host, "host", self.host)
-        if hasattr(inner, "saved_originals"):
-            inner.saved_originals = originals
-        self.loop = self._make_loop(cfg, self.history)
-        self.writer = HistoryWriter(cfg.daemon.history_dir, self.host.capacity.name) if cfg.daemon.history_dir else None
+        self.restore_timeout = RESTORE_TIMEOUT  # --restore-on-exit retries a hypervisor that does not answer
+        self.state: StateFile | None = None
+        self.writer: HistoryWriter | None = None
         self.status = None
         self.metrics = None
+        self._history_lock: PathLock | None = None
+        try:
+            saved = self._open_paths(cfg.daemon, window=60)
+            self.history = saved.history
+            self.loop = self._make_loop(cfg, self.history)
+        except BaseException:
+            self._close_paths()  # nothing is left locked or bound by a daemon that did not start
+            raise
+        inner = getattr(self.host, "host", self.host)
+        if hasattr(inner, "saved_originals"):
+            inner.saved_originals = saved.originals
+            inner.pending_restore = saved.unrestored
+            inner.restore_at_start = not cfg.daemon.dry_run  # a dry run changes nothing, not even that
         self.last_step: Step | None = None
         self.periods = 0
+
+    def _open_paths(self, d: DaemonConfig, window: int) -> Saved:
+        """State file, history directory and status socket, each checked and locked; PathError if unusable.
+
+        Every path is checked before the state is loaded, so a bad one is the only line printed.
+        """
+        if d.state_file:
+            self.state = StateFile(d.state_file).open()
+        if d.history_dir:
+            self.writer = HistoryWriter(d.history_dir, self.host.capacity.name)
+            self._history_lock = PathLock(self.writer.dir / "rescoin.lock", self.writer.dir).acquire()
+        if d.status_socket:
+            from .status import StatusServer
+
+            self.status = StatusServer(d.status_socket)
+            self.status.start()
+        return self.state.load(window) if self.state is not None else Saved(History(window))
+
+    def _close_paths(self) -> None:
+        """Stop serving status and release every lock; the files stay as they are."""
+        if self.status is not None:
+            self.status.close()
+        if self._history_lock is not None:
+            self._history_lock.release()
+        if self.state is not None:
+            self.state.close()
 
     @property
     def period(self) -> float:
@@ -205,12 +184,8 @@ class Daemon:
         self.last_step = step
         self.periods += 1
         if self.writer is not None:
-            self.writer.write(step, self.history)
-        if self.cfg.daemon.state_file:
-            try:
-                save_state(self.cfg.daemon.state_file, self.history, getattr(self.host, "host", self.host))
-            except OSError as e:
-                log.warning("could not save state to %s: %s", self.cfg.daemon.state_file, e)
+            self.writer.try_write(step, self.history)  # a full disk is said once; the loop goes on
+        self._save_state()
         if self.status is not None:
             self.status.publish(self, step)
         if self.metrics is not None:
@@ -221,11 +196,6 @@ class Daemon:
 
     def run(self, max_periods: int | None = None) -> int:
         d = self.cfg.daemon
-        if d.status_socket:
-            from .status import StatusServer
-
-            self.status = StatusServer(d.status_socket)
-            self.status.start()
         if self.cfg.metrics.enabled:
             from .metrics import Metrics
 
@@ -241,17 +211,26 @@ class Daemon:
         log.info("stopped after %d periods", self.periods)
         return 0
 
+    def _save_state(self) -> None:
+        if self.state is not None:
+            try:
+                self.state.save(self.history, getattr(self.host, "host", self.host))
+            except OSError as e:
+                log.warning("could not save state to %s: %s", self.state.path, e)
+
     def close(self) -> None:
+        """Flush history, restore the VMs if asked, save the state, release the paths. Never raises."""
         if self.writer is not None:
             self.writer.close()
-        if self.cfg.daemon.state_file and self.periods:
-            try:
-                save_state(self.cfg.daemon.state_file, self.history, getattr(self.host, "host", self.host))
-            except OSError as e:
-                log.warning("could not save state: %s", e)
+        inner = getattr(self.host, "host", self.host)
+        pending = set(getattr(inner, "pending_restore", ()))
         if self.cfg.daemon.restore_on_exit and hasattr(self.host, "restore"):
-            log.info("restored the original settings of %d VMs", self.host.restore())
-        if self.status is not None:
-            self.status.close()
+            try:
+                log.info("restored the original settings of %d VMs", self.host.restore(timeout=self.restore_timeout))
+            except Exception:  # noqa: BLE001 - the state must still be saved
+                log.exception("restoring the VMs' original settings failed")
+        if self.periods or pending != set(getattr(inner, "pending_restore", ())):
+            self._save_state()  # after restore: what it could not restore is saved for the next start
+        self._close_paths()
         if self.metrics is not None:
             self.metrics.close()

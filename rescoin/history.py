@@ -114,9 +114,9 @@ class History:
         return self._ring[name][idx]
 
     def state(self, name: str, shape: tuple[int, ...] = (N_RES,), fill: float = np.nan) -> np.ndarray:
-        """Per-VM state that survives between periods and follows VM rows."""
+        """Per-VM state that survives between periods and follows VM rows (made anew if its shape changed)."""
         arr = self._state.get(name)
-        if arr is None or arr.shape[0] != self.n:
+        if arr is None or arr.shape != (self.n,) + tuple(shape):
             arr = np.full((self.n,) + shape, fill)
             self._state[name] = arr
             self._fill[name] = fill
@@ -138,23 +138,65 @@ class History:
         return out
 
     @classmethod
-    def restore(cls, data: dict[str, np.ndarray], vms_from: "Iterable[str] | None" = None) -> "History":
-        window, t = (int(x) for x in data["meta"])
-        h = cls(window)
-        h.t = t
-        h.ts = np.array(data["ts"], dtype=float)
-        h.age = np.array(data["age"], dtype=np.intp)
-        uuids = np.asarray(data["uuids"], dtype=str)
+    def restore(cls, data: dict[str, np.ndarray], window: int | None = None) -> "History":
+        """A History from ``snapshot()`` arrays; ValueError naming the first array that does not fit.
+
+        Everything is checked before use (a state file may be damaged or come
+        from another version): a ring shorter than the window or a per-VM array
+        of the wrong length would otherwise fail every period.
+        """
+        data = dict(data)
+        for key in ("meta", "ts", "age", "uuids"):
+            if key not in data:
+                raise ValueError(f"no {key!r} array")
+        meta = np.asarray(data.pop("meta"))
+        _expect("meta", meta, (2,), "iu")
+        w, t = (int(x) for x in meta)
+        if window is not None and w != window:
+            raise ValueError(f"history window {w} periods, the daemon keeps {window}")
+        if w < 2 or t < 0:
+            raise ValueError(f"window {w} and period count {t} are out of range")
+        uuids = np.asarray(data.pop("uuids"))
+        _expect("uuids", uuids, (None,), "U")
         n = uuids.shape[0]
+        if len(set(uuids.tolist())) != n:
+            raise ValueError("VM UUIDs are not unique")
+        h = cls(w)
+        h.t = t
+        h.ts = _expect("ts", data.pop("ts"), (w,), "f")
+        h.age = _expect("age", data.pop("age"), (n,), "iu").astype(np.intp)
+        if (h.age < 0).any():
+            raise ValueError("negative VM ages")
         h.vms = VMSet.build(uuids, uuids, np.full((n, N_RES), np.nan))
         for key, value in data.items():
             kind, _, name = key.partition(".")
-            if kind == "ring":
-                h._ring[name] = np.array(value, dtype=float)
+            if kind == "ring" and name in SERIES:
+                h._ring[name] = _expect(key, value, (w, n, N_RES), "f")
             elif kind == "state":
+                value = np.asarray(value)
+                if value.ndim < 1 or value.shape[0] != n or value.dtype.kind not in "fiub":
+                    raise ValueError(f"{key!r} has shape {value.shape} and type {value.dtype}, not one row per VM")
+                if f"fill.{name}" not in data:
+                    raise ValueError(f"{key!r} has no fill value")
                 h._state[name] = np.array(value)
             elif kind == "fill":
-                h._fill[name] = float(value)
-            elif kind == "pending":
-                h.pending[name] = np.array(value, dtype=float)
+                h._fill[name] = float(_expect(key, value, (), "fiu"))
+            elif kind == "pending" and name in SERIES:
+                h.pending[name] = _expect(key, value, (n, N_RES), "f")
+            else:
+                raise ValueError(f"unknown array {key!r}")
+        missing = [s for s in SERIES if f"ring.{s}" not in data]
+        if missing:
+            raise ValueError(f"no ring for {', '.join(missing)}")
         return h
+
+
+def _expect(key: str, value: np.ndarray, shape: tuple, kinds: str) -> np.ndarray:
+    """``value`` as a copy if it has ``shape`` (None = any length) and a dtype kind in ``kinds``."""
+    value = np.asarray(value)
+    fits = value.ndim == len(shape) and all(want is None or got == want for got, want in zip(value.shape, shape))
+    if not fits or value.dtype.kind not in kinds:
+        want = "x".join("n" if s is None else str(s) for s in shape) or "a scalar"
+        kind = {"f": "floats", "iu": "integers", "U": "strings"}.get(kinds, "numbers")
+        raise ValueError(f"{key!r} has shape {value.shape} and type {value.dtype}; expected {want} {kind}")
+    return np.array(value, dtype=float) if kinds == "f" else np.array(value)

@@ -1,8 +1,8 @@
 """``rescoin status``: what the running daemon sees and does, read over a root-only UNIX socket.
 
 The daemon publishes one JSON snapshot per period; each client connection
-gets the latest snapshot and is closed. The socket's directory and the
-socket itself are mode 0700/0600, so only root can read them.
+gets the latest snapshot and is closed. The socket is mode 0600 (root only);
+a directory rescoin creates for it is 0700, an existing one is left as it is.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -17,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from .paths import PathError, PathLock, reason
 from .policies.base import PolicyInput
 from .policies.rescoin import combined_credit, credits
 from .resources import RESOURCES, UNITS
 
 log = logging.getLogger("rescoin.status")
+
+_MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes on Linux, with the terminating NUL
 
 
 def _num(x: Any) -> float | None:
@@ -70,29 +74,79 @@ def snapshot(daemon, step) -> dict:
 
 
 class StatusServer:
+    """Serves the latest snapshot on a UNIX socket (mode 0600) that only this process removes.
+
+    A missing parent directory is created 0700; an existing one (``/run``,
+    ``/tmp``) keeps its mode. A path that holds anything but a stale socket is
+    refused, never unlinked.
+    """
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._data = b'{"version": 1, "starting": true}\n'
         self._sock: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None  # the socket this process bound
+        self._lock = None  # rescoin.paths.PathLock on PATH.lock: one daemon per socket
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
-        self.path.unlink(missing_ok=True)
+        """Lock and bind the socket, or raise PathError saying why the path cannot be used."""
+        where = f"status socket {self.path}"
+        if len(os.fsencode(self.path)) > _MAX_SUN_PATH:
+            raise PathError(f"{where}: the path is longer than a UNIX socket allows ({_MAX_SUN_PATH} bytes)")
+        parent = self.path.parent
+        if not parent.is_dir():
+            if parent.exists():
+                raise PathError(f"{where}: {parent} is not a directory")
+            try:
+                parent.mkdir(parents=True, mode=0o700)
+                os.chmod(parent, 0o700)  # ours, just made: root only, whatever the umask
+            except OSError as e:
+                raise PathError(f"{where}: cannot create {parent}: {reason(e)}") from None
+        self._lock = PathLock(self.path.with_name(self.path.name + ".lock"), self.path).acquire()
+        try:
+            self._bind(where)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._thread = threading.Thread(target=self._serve, name="status", daemon=True)
+        self._thread.start()
+
+    def _bind(self, where: str) -> None:
+        self._remove_stale(where)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # the socket is born 0600: no window in which others may connect
         try:
             sock.bind(str(self.path))
+        except OSError as e:
+            sock.close()
+            raise PathError(f"{where}: cannot bind: {reason(e)}") from None
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        st = os.stat(self.path, follow_symlinks=False)
+        self._inode = (st.st_dev, st.st_ino)
         sock.listen(8)
         sock.settimeout(0.5)
         self._sock = sock
-        self._thread = threading.Thread(target=self._serve, name="status", daemon=True)
-        self._thread.start()
+
+    def _remove_stale(self, where: str) -> None:
+        """Unlink a socket left by a dead daemon; refuse anything else, or a socket someone answers on."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
+            raise PathError(f"{where} exists and is {kind}; rescoin will not remove it")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()  # nobody listens: a socket left by a daemon that died
+                return
+        raise PathError(f"{where} is in use by another process; stop it or give another path")
 
     def publish(self, daemon, step) -> None:
         try:
@@ -114,10 +168,22 @@ class StatusServer:
                     pass
 
     def close(self) -> None:
+        """Stop serving and remove the socket, only if it is still the one this process bound."""
         self._closed.set()
         if self._sock is not None:
             self._sock.close()
-        self.path.unlink(missing_ok=True)
+            self._sock = None
+        if self._inode is not None:
+            try:
+                st = os.stat(self.path, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    self.path.unlink()
+            except OSError:
+                pass
+            self._inode = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def query(path: str | Path, timeout: float = 2.0) -> dict:

@@ -26,6 +26,7 @@ from ..resources import CPU, DISK, MEMORY, N_RES, NET, HostCapacity
 from .actuators import Actuator, LibvirtActuator
 from .base import ApplyResult
 from .claims import HostMemory, cross_check
+from .restore import RESTORE_TIMEOUT, original_caps, restore_pending, restore_vms
 
 log = logging.getLogger("rescoin.libvirt")
 
@@ -183,6 +184,8 @@ class LibvirtHost:
         self.lv = Libvirt(uri)
         self.vm_config = vm_config  # (uuid, name) -> config.VMConfig: weight, memory bounds, exclude
         self.saved_originals: dict[str, dict] = {}  # from a previous run's state file, by UUID
+        self.pending_restore: set[str] = set()  # UUIDs restore() could not reach; restored at the next start
+        self.restore_at_start = True  # False in a dry run: the pending restores wait for a real run
         self.tcp_agents: dict[str, str] = {}  # VM name -> "host:port" of a TCP agent (else the virtio channel)
         self.actuator = actuator or LibvirtActuator()
         self.settings = settings or HostSettings()
@@ -288,6 +291,8 @@ class LibvirtHost:
             interfaces=[i.find("target").get("dev") for i in root.iter("interface") if i.find("target") is not None],
             disks=[d.find("target").get("dev") for d in root.iter("disk") if d.find("target") is not None],
         )
+        if uuid not in self.saved_originals:  # after ``state``: it knows the disks and interfaces
+            found.update(original_caps(self.lv, dom, state))
         st = found
         pin0 = _first_set(tuple(pins[0])) if pins else (-1, 1)
         state.controls = {"shares": float(st["shares"]) if st["shares"] is not None else np.nan,
@@ -308,6 +313,8 @@ class LibvirtHost:
         self.lv.calls.clear()
         conn = self.lv.connect()
         cap = self.capacity
+        if self.pending_restore and self.restore_at_start:  # what the last run could not restore
+            self.pending_restore = restore_pending(self.lv, conn, self.pending_restore, self.saved_originals)
         self._drain_events()
         flags = 0
         for f in STATS_FLAGS:
@@ -527,30 +534,17 @@ class LibvirtHost:
         return result
 
     # -- restore ------------------------------------------------------------------------------
-    def restore(self) -> int:
-        """Put back every managed VM's original shares, quota, pins and balloon target."""
-        lv = _lv()
-        conn = self.lv.connect()
-        live = lv.VIR_DOMAIN_AFFECT_CURRENT
-        restored = 0
-        for state in list(self.vms.values()):
-            ok, dom = self.lv.call("lookupByUUIDString", state.name, conn.lookupByUUIDString, state.uuid)
-            if not ok:
-                continue
-            o = state.original
-            if o["shares"] is not None and state.sched_key:
-                params = {state.sched_key: int(o["shares"])}
-                if state.sched_key == "cpu_shares":
-                    params.update(vcpu_quota=int(o["quota"]) if o["quota"] is not None else -1)
-                    self.lv.call("setSchedulerParameters", state.name, dom.setSchedulerParametersFlags, params, live)
-                else:
-                    self.lv.call("setSchedulerParameters", state.name, dom.setSchedulerParameters, params)
-            if o["blkio"]:
-                self.lv.call("setBlkioParameters", state.name, dom.setBlkioParameters, {"weight": int(o["blkio"])}, live)
-            for v, cmap in enumerate(o["pins"]):
-                self.lv.call("pinVcpuFlags", state.name, dom.pinVcpuFlags, v, tuple(cmap), live)
-            self.lv.call("setMemoryFlags", state.name, dom.setMemoryFlags, int(o["balloon"] * 1024), live)
-            restored += 1
+    def restore(self, timeout: float = RESTORE_TIMEOUT) -> int:
+        """Put back every managed VM's original settings; returns how many VMs were restored.
+
+        Retried for ``timeout`` seconds while the hypervisor does not answer;
+        VMs left unrestored stay in ``pending_restore`` (see ``hosts.restore``).
+        """
+        todo = {s.uuid: (s.name, s.original, s.sched_key) for s in self.vms.values()}
+        for uuid in self.pending_restore - set(todo):
+            if uuid in self.saved_originals:
+                todo[uuid] = (uuid, self.saved_originals[uuid], None)
+        restored, self.pending_restore = restore_vms(self.lv, todo, timeout)
         return restored
 
     def close(self) -> None:
