@@ -143,13 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import ConfigError, default_text, load
+    from .config import ConfigError, check_files, default_text, load
 
     if args.action == "default":
         sys.stdout.write(default_text())
         return 0
     try:
         cfg = load(args.path)
+        check_files(cfg, args.path)  # what `run` would fail on: the agent key file, the model file
     except ConfigError as e:
         raise UserError(str(e)) from None
     print(f"{args.path}: valid ({len(cfg.vm)} per-VM entries; policy {cfg.daemon.policy}, "
