@@ -63,6 +63,8 @@ def test_run_metrics_with_a_bad_address_is_one_line(tmp_path, address, words):
 def test_run_refuses_a_reserve_above_the_host_and_an_unusable_key_file(tmp_path):
     line = run_fails(tmp_path, config="[host]\nreserve_mib = 60000\n")  # the test driver's host is smaller
     assert "host.reserve_mib = 60000 leaves no memory for the guests" in line
+    line = run_fails(tmp_path, config="[host]\nreserve_cores = 4096\n")
+    assert "host.reserve_cores = 4096 leaves no CPU for the guests" in line
     line = run_fails(tmp_path, config=f'[agent]\nkey_file = "{tmp_path / "missing.key"}"\n')
     assert "agent.key_file" in line and "No such file" in line
 

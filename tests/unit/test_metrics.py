@@ -190,7 +190,7 @@ def test_an_idle_connection_is_closed_after_the_idle_time(monkeypatch):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"GET /metr")  # half a request, then silence
             t0 = time.monotonic()
-            assert s.recv(1024) in (b"",) or s.recv(1024) == b""  # the server hangs up
+            assert s.recv(1024) == b""  # the server hangs up, well before the client's 5 s
             assert time.monotonic() - t0 < 3
     finally:
         m.close()
