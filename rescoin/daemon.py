@@ -221,7 +221,7 @@ class Daemon:
         self.cfg, self.host, self.loop = new, host, loop
         self._vm_entries_checked = False  # new [vm] entries: checked against the VMs at the next period
         applied = [k for k in changed if k not in restart]
-        log.info("configuration reloaded from %s (policy %s, period %.0f s%s)%s", self.config_path,
+        log.info("configuration reloaded from %s (policy %s, period %g s%s)%s", self.config_path,
                  new.daemon.policy, new.daemon.period, f"; changed: {', '.join(applied)}" if applied else "",
                  f"; restart needed for: {', '.join(restart)}" if restart else "")
 
