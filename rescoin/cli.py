@@ -131,6 +131,7 @@ def _overrides(cfg, args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .daemon import Daemon
+    from .hosts.dryrun import DryRunHost
     from .loop import HostUnavailableError
     from .traces import TraceError
 
@@ -140,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
            "overcommit": args.overcommit}
     try:
         daemon = Daemon(cfg, config_path=args.config, sim=sim, overrides=lambda c: _overrides(c, args), speed=args.speed if cfg.daemon.uri.startswith("sim:")
-                        else 1.0, dry_run_host=(lambda h: DryRunHost(h, console)) if cfg.daemon.dry_run else None)
-        daemon.host.capacity  # connect now: a wrong URI is reported before the daemon starts
+                        else 1.0, dry_run_host=lambda h: DryRunHost(h, console))
+        daemon.check_capacity()  # connect now: a wrong URI or a reserve above the host's size is reported at once
     except (ConfigError, TraceError, ValueError) as e:
         raise UserError(str(e)) from None
     except HostUnavailableError as e:
@@ -153,13 +154,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import ConfigError, default_text, load
+    from .config import ConfigError, check_files, default_text, load
 
     if args.action == "default":
         sys.stdout.write(default_text())
         return 0
     try:
         cfg = load(args.path)
+        check_files(cfg, args.path)  # what `run` would fail on: the agent key file, the model file
     except ConfigError as e:
         raise UserError(str(e)) from None
     print(f"{args.path}: valid ({len(cfg.vm)} per-VM entries; policy {cfg.daemon.policy}, "
@@ -204,40 +206,6 @@ def _sample() -> Path:
     from .traces import sample_trace_path
 
     return sample_trace_path()
-
-
-class DryRunHost:
-    """Wraps a host so plans are printed, never applied."""
-
-    def __init__(self, host, console: Console) -> None:
-        self.host, self.console = host, console
-
-    @property
-    def capacity(self):
-        return self.host.capacity
-
-    def start_events(self) -> None:
-        if hasattr(self.host, "start_events"):
-            self.host.start_events()
-
-    def observe(self):
-        return self.host.observe()
-
-    def apply(self, plan):
-        from .hosts.base import ApplyResult
-
-        counts = plan.counts()
-        names = plan.vms.names
-        for kind, mask in plan.changed.items():
-            if kind == "pin" or not mask.any():
-                continue
-            values = getattr(plan.controls, {"shares": "shares", "quota": "quota", "balloon": "balloon",
-                                             "blkio": "blkio", "diskcap": "diskcap", "netcap": "netcap"}[kind])
-            for i in mask.nonzero()[0]:
-                self.console.print(f"dry-run (not applied): {names[i]} {kind} -> {values[i]:.6g}")
-        if counts.get("pin"):
-            self.console.print(f"dry-run (not applied): {counts['pin']} vCPU pin changes")
-        return ApplyResult(applied={k: 0 for k in counts})
 
 
 # -- demo -------------------------------------------------------------------------------------

@@ -8,14 +8,18 @@ replaces it whole on SIGHUP.
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .guard import GuardConfig
 
 DEFAULT_PATH = Path("/etc/rescoin/rescoin.toml")
+MAX_MIB = float(2 ** 26)  # 64 TiB: more memory than any one host has; larger values are typos
+MAX_CORES = 8192.0  # Linux's largest CPU count
+MAX_KIBS = 1e9  # ~1 TB/s: more bandwidth than any one disk or link
 
 
 class ConfigError(ValueError):
@@ -47,11 +51,12 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class HostConfig:
-    reserve_mib: float = opt(1024.0, "host memory kept back from the guests", "MiB", low=0.0)
-    reserve_cores: float = opt(0.0, "host CPU kept back from the guests", "cores", low=0.0)
-    memory_mib: float = opt(0.0, "memory the guests may share; 0 = host memory minus the reserve", "MiB", low=0.0)
-    disk_kibs: float = opt(204800.0, "disk bandwidth shared by blkio weights", "KiB/s", low=1.0)
-    net_kibs: float = opt(125000.0, "link bandwidth shared by interface caps", "KiB/s", low=1.0)
+    reserve_mib: float = opt(1024.0, "host memory kept back from the guests", "MiB", low=0.0, high=MAX_MIB)
+    reserve_cores: float = opt(0.0, "host CPU kept back from the guests", "cores", low=0.0, high=MAX_CORES)
+    memory_mib: float = opt(0.0, "memory the guests may share; 0 = host memory minus the reserve", "MiB", low=0.0,
+                            high=MAX_MIB)
+    disk_kibs: float = opt(204800.0, "disk bandwidth shared by blkio weights", "KiB/s", low=1.0, high=MAX_KIBS)
+    net_kibs: float = opt(125000.0, "link bandwidth shared by interface caps", "KiB/s", low=1.0, high=MAX_KIBS)
     actuator: str = opt("libvirt", "how CPU, blkio and pins are applied", choices=("libvirt", "cgroup"))
     memtune_soft_limit: bool = opt(False, "also set each VM's memtune soft limit to its balloon target")
     stats_period: int = opt(2, "balloon statistics period set on each VM", "s", low=0, high=3600)
@@ -63,19 +68,31 @@ class AgentConfig:
     key_file: str = opt("", "HMAC key of TCP agents (installed by `rescoin agent deploy`); empty = virtio only")
     tcp: dict = opt({}, "VM name -> \"host:port\" of its TCP agent (others use the virtio channel)")
 
+    def check(self) -> None:
+        for name, address in self.tcp.items():
+            parse_address(f"agent.tcp.{name}", address)
+
 
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = opt(False, "serve Prometheus metrics")
     listen: str = opt("127.0.0.1:9848", "address:port of the metrics endpoint (loopback by default)")
 
+    def check(self) -> None:
+        parse_address("metrics.listen", self.listen)
+
 
 @dataclass(frozen=True)
 class VMConfig:
     weight: float = opt(1.0, "share weight relative to other VMs", low=0.0, high=1000.0)
-    min_memory_mib: float = opt(0.0, "never reclaim below this", "MiB", low=0.0)
-    max_memory_mib: float = opt(0.0, "never give more than this; 0 = the VM's maximum", "MiB", low=0.0)
+    min_memory_mib: float = opt(0.0, "never reclaim below this", "MiB", low=0.0, high=MAX_MIB)
+    max_memory_mib: float = opt(0.0, "never give more than this; 0 = the VM's maximum", "MiB", low=0.0, high=MAX_MIB)
     exclude: bool = opt(False, "leave this VM alone entirely")
+
+    def check(self) -> None:
+        if self.max_memory_mib > 0 and self.min_memory_mib > self.max_memory_mib:
+            raise ValueError(f"min_memory_mib = {self.min_memory_mib:g} is above max_memory_mib = "
+                             f"{self.max_memory_mib:g}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,12 @@ class Config:
     def for_vm(self, uuid: str, name: str) -> VMConfig:
         return self.vm.get(uuid) or self.vm.get(name) or VMConfig()
 
+
+# What a reload cannot change: the hypervisor, and the paths that make a running daemon what it is
+# (the state file it holds locked with this run's credits and originals, the directory its history rows
+# go to, the socket `rescoin status` and the systemd unit know). Moving them live would split one run in
+# two; a reload keeps their running values and names them in its log line. Everything else applies live.
+RESTART_NEEDED = ("daemon.uri", "daemon.state_file", "daemon.history_dir", "daemon.status_socket")
 
 SECTIONS = {"daemon": DaemonConfig, "host": HostConfig, "guard": GuardConfig, "agent": AgentConfig,
             "metrics": MetricsConfig}
@@ -110,6 +133,59 @@ GUARD_DOCS = {
 }
 
 
+def parse_address(where: str, text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); a bad one is a ConfigError naming ``where``."""
+    bracketed = text.startswith("[")
+    host, sep, port = text[1:].partition("]:") if bracketed else text.rpartition(":")
+    if not sep or not host or (":" in host and not bracketed) or any(c.isspace() for c in host):
+        raise ConfigError(f"{where} = {text!r}: expected HOST:PORT or [V6]:PORT, e.g. 127.0.0.1:9848")
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where} = {text!r}: the port must be a number in 1 .. 65535")
+    return host, int(port)
+
+
+def agent_key(cfg: Config) -> bytes | None:
+    """The TCP agents' HMAC key named by ``agent.key_file`` (None when unset), checked as ``run`` needs it."""
+    if not cfg.agent.key_file:
+        return None
+    from .agent import AgentError, load_key
+
+    try:
+        return load_key(cfg.agent.key_file)
+    except AgentError as e:
+        raise ConfigError(f"agent.key_file = {cfg.agent.key_file!r}: {e}") from None
+
+
+def check_files(cfg: Config, source: str = "<config>") -> None:
+    """What ``run`` would fail on beyond the file itself: the agent key file and the model file."""
+    try:
+        agent_key(cfg)
+        if cfg.daemon.model:
+            from .predict import load_model
+
+            try:
+                load_model(cfg.daemon.model)
+            except (OSError, ValueError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                reason = reason.removeprefix(f"{cfg.daemon.model}: ")
+                raise ConfigError(f"daemon.model = {cfg.daemon.model!r}: {reason}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def unmatched_vm_entries(cfg: Config, vms: Iterable[tuple[str, str]]) -> list[str]:
+    """The ``[vm."KEY"]`` entries that name none of ``vms`` ((uuid, name) pairs): likely typos."""
+    known = {key for pair in vms for key in pair}
+    return sorted(key for key in cfg.vm if key not in known)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The options that differ between two configurations, as ``section.key`` or ``vm."KEY"``."""
+    out = [f"{name}.{f.name}" for name in SECTIONS for f in fields(SECTIONS[name])
+           if getattr(getattr(old, name), f.name) != getattr(getattr(new, name), f.name)]
+    return out + [f'vm."{k}"' for k in sorted(set(old.vm) | set(new.vm)) if old.vm.get(k) != new.vm.get(k)]
+
+
 def _doc(cls, f) -> tuple[str, str]:
     if cls is GuardConfig:
         return GUARD_DOCS.get(f.name, ("", ""))
@@ -125,6 +201,8 @@ def _coerce(where: str, f, value: Any) -> Any:
     elif isinstance(default, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r}: must be a number")
+        if not math.isfinite(value):  # NaN passes every comparison below, and inf is never meant
+            raise ConfigError(f"{where} = {value!r}: must be a finite number")
         value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
         if isinstance(default, int) and not float(value).is_integer():
             raise ConfigError(f"{where} = {value!r}: must be a whole number")
@@ -156,6 +234,8 @@ def _section(name: str, cls, table: Any):
         obj = cls(**values)
         if hasattr(obj, "check"):
             obj.check()
+    except ConfigError:
+        raise  # names its key already
     except (TypeError, ValueError) as e:
         raise ConfigError(f"[{name}] {e}") from None
     return obj
@@ -223,6 +303,8 @@ def default_text() -> str:
             choices = (f.metadata or {}).get("choices")
             extra = f" ({unit})" if unit else ""
             extra += f"; one of: {', '.join(choices)}" if choices else ""
+            if f"{name}.{f.name}" in RESTART_NEEDED:
+                extra += "; takes effect on restart, not on reload"
             out.append(f"# {doc}{extra}")
             out.append(f"{f.name} = {_toml(default)}")
         out.append("")

@@ -3,26 +3,102 @@
 Per VM and resource: usage, forecast, allocation, absolute forecast error;
 per VM: credit, balloon target; counters of actions by kind and result, of
 libvirt errors by call; a histogram of the loop's duration.
+
+The endpoint runs in the daemon's process, so it is bounded: at most
+``MAX_CONNECTIONS`` open connections (past it the oldest is shut down) and
+``IDLE_SECONDS`` of silence each, so idle connections held by a local user
+can neither exhaust the daemon's file descriptors nor keep scrapes out.
 """
 from __future__ import annotations
 
-import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import logging
+import socket
+import threading
+from http.server import ThreadingHTTPServer
 
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
+
+from .config import ConfigError, parse_address
 from .policies.base import PolicyInput
 from .policies.rescoin import combined_credit, credits
 from .resources import RESOURCES
 
+log = logging.getLogger("rescoin.metrics")
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"metrics.listen = {text!r}: expected ADDRESS:PORT, e.g. 127.0.0.1:9848")
-    return host.strip("[]"), int(port)
+MAX_CONNECTIONS = 32  # a scrape takes milliseconds: more than this open at once are idle or hostile
+IDLE_SECONDS = 5.0  # a connection silent this long is closed
+
+
+class _Handler(MetricsHandler):
+    timeout = IDLE_SECONDS  # StreamRequestHandler puts it on the connection's socket
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """HTTP for one registry with a cap on open connections; the oldest goes first past the cap."""
+
+    daemon_threads = True  # stopping never waits for a connection
+    request_queue_size = 128
+
+    def __init__(self, address: tuple, family: int, registry: CollectorRegistry) -> None:
+        self.address_family = family
+        self._open: dict[socket.socket, None] = {}  # in accept order
+        self._lock = threading.Lock()
+        super().__init__(address, _Handler.factory(registry))
+
+    def process_request(self, request, client_address) -> None:
+        with self._lock:
+            self._open[request] = None
+            while len(self._open) > MAX_CONNECTIONS:
+                oldest = next(iter(self._open))
+                del self._open[oldest]
+                _hang_up(oldest)  # its thread sees end of file, ends and closes it
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("metrics connection from %s failed", client_address, exc_info=True)
+
+    def close(self) -> None:
+        """Stop serving, release the port and hang up every open connection."""
+        self.shutdown()
+        self.server_close()
+        with self._lock:
+            for conn in list(self._open):
+                _hang_up(conn)
+
+
+def _hang_up(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
+
+
+def start_server(listen: str, registry: CollectorRegistry) -> MetricsServer:
+    """A bounded endpoint serving ``registry`` on ``listen``; a ConfigError in one line if it cannot."""
+    host, port = parse_address("metrics.listen", listen)
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"metrics.listen = {listen!r}: cannot resolve {host!r} ({e})") from None
+    try:
+        server = MetricsServer(address, family, registry)
+    except OSError as e:
+        raise ConfigError(f"metrics.listen = {listen!r}: cannot listen there: {e.strerror or e}") from None
+    threading.Thread(target=server.serve_forever, args=(0.2,), name="metrics", daemon=True).start()
+    return server
 
 
 class Metrics:
-    def __init__(self, listen: str, serve: bool = True) -> None:
+    """The daemon's series; served on ``listen`` when given (a reload may move or stop the endpoint)."""
+
+    def __init__(self, listen: str | None = None) -> None:
         self.registry = r = CollectorRegistry()
         labels = ["vm", "resource"]
         self.usage = Gauge("rescoin_vm_usage", "observed usage (cores, MiB, KiB/s)", labels, registry=r)
@@ -39,10 +115,28 @@ class Metrics:
                               buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5))
         self.vms = Gauge("rescoin_vms", "VMs managed", registry=r)
         self._known: set[str] = set()
-        self._server = None
-        if serve:
-            host, port = parse_listen(listen)
-            self._server, self._thread = start_http_server(port, addr=host, registry=r)
+        self._server: MetricsServer | None = None
+        self.listen: str | None = None
+        if listen:
+            self.serve(listen)
+
+    def serve(self, listen: str) -> None:
+        """Serve on ``listen``, moving from the current address; a ConfigError keeps the current endpoint."""
+        if listen == self.listen:
+            return
+        previous = self.listen
+        self.close()  # first, so that moving to another address on the same port works
+        try:
+            self._server = start_server(listen, self.registry)
+        except ConfigError:
+            if previous is not None:
+                try:
+                    self._server = start_server(previous, self.registry)
+                    self.listen = previous
+                except ConfigError as e:
+                    log.error("metrics endpoint lost: %s", e)
+            raise
+        self.listen = listen
 
     def update(self, daemon, step) -> None:
         obs, h = step.obs, daemon.history
@@ -88,6 +182,8 @@ class Metrics:
         self.vms.set(obs.n)
 
     def close(self) -> None:
+        """Stop serving (the series stay, for a later ``serve``)."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.close()
             self._server = None
+        self.listen = None

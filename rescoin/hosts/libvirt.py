@@ -220,6 +220,23 @@ class LibvirtHost:
         cap = np.array([max(pcpus - s.reserve_cores, 0.1), mem, s.disk_kibs, s.net_kibs])
         return HostCapacity(name=self.lv.uri, capacity=cap, pcpus=pcpus)
 
+    def reconfigure(self, settings: HostSettings, memory_limit_mib: float | None) -> None:
+        """New settings on a reload: capacity is read again, a new stats period is set on the managed VMs."""
+        old, self.settings = self.settings, settings
+        if settings != old or memory_limit_mib != self.memory_limit_mib:
+            self.memory_limit_mib = memory_limit_mib
+            self._capacity = None  # the next observe reads it with the new reserve and bandwidths
+        if settings.stats_period and settings.stats_period != old.stats_period:
+            for uuid, dom in getattr(self, "_doms", {}).items():
+                if uuid in self.vms:
+                    self.lv.call("setMemoryStatsPeriod", self.vms[uuid].name, dom.setMemoryStatsPeriod,
+                                 settings.stats_period, 0)
+
+    def domain_ids(self) -> list[tuple[str, str]]:
+        """(uuid, name) of every domain libvirt knows, running or not, managed or not."""
+        ok, doms = self.lv.call("listAllDomains", None, self.lv.connect().listAllDomains, 0, default=[])
+        return [(d.UUIDString(), d.name()) for d in doms]
+
     # -- lifecycle events (started explicitly, never from the constructor) ---------
     def start_events(self) -> None:
         lv = _lv()

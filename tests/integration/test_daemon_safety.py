@@ -326,7 +326,7 @@ def test_restore_covers_disk_and_net_caps_and_the_memtune_soft_limit():
 def _daemon(tmp: Path, dry_run: bool = False) -> Daemon:
     from rich.console import Console
 
-    from rescoin.cli import DryRunHost
+    from rescoin.hosts.dryrun import DryRunHost
 
     cfg = load(_config(tmp))
     cfg = replace(cfg, daemon=replace(cfg.daemon, restore_on_exit=True, dry_run=dry_run))

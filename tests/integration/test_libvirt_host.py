@@ -185,7 +185,7 @@ def test_cpumap_covers_more_than_eight_cpus():
 def test_dry_run_host_applies_nothing(host, capsys):
     from rich.console import Console
 
-    from rescoin.cli import DryRunHost
+    from rescoin.hosts.dryrun import DryRunHost
 
     dry = DryRunHost(host, Console(file=None, force_terminal=False))
     loop = ControlLoop(dry, make_policy("rescoin"), period=1.0)
