@@ -118,8 +118,8 @@ def weight_to_shares(weight: int) -> int:
 def blkio_to_io_weight(weight: int) -> int:
     """A v1 blkio weight (10..1000, CFQ default 500) as a weight next to a default of 100.
 
-    For v2 ``io.weight`` (1..10000, default 100) and BFQ's ``bfq.weight`` (v1 and v2,
-    1..1000, default 100). Weights are shares among siblings, so the scale is
+    For v2 ``io.weight`` (1..10000, default 100) and v2 BFQ's ``io.bfq.weight``
+    (1..1000, default 100). v1 files are written unscaled, as libvirt writes them. Weights are shares among siblings, so the scale is
     proportional, ``round(weight * 100 / 500)``: rescoin's default 500 becomes 100
     and keeps the share an unmanaged sibling at the default has, and two VMs keep
     their ratio (up to rounding; 10..1000 -> 2..200). systemd converts BlockIOWeight=
@@ -367,7 +367,11 @@ class CgroupActuator:
                     _io(lambda: setattr(ctl, "cfs_quota_us", quota))
 
     def _write_blkio(self, g: VMCgroups, weight: int) -> None:
-        """``weight`` on the 10..1000 blkio scale; files whose default is 100 get it scaled."""
+        """``weight`` on the 10..1000 blkio scale; v2's files (default 100) get it scaled.
+
+        v1 files take it unscaled, as libvirt's own ``blkiotune`` writes them there: both
+        actuators, and libvirt reading the weight back, then agree on one host.
+        """
         scaled = blkio_to_io_weight(weight)
         if g.version == 2:
             d = self._dir(g, "io")
@@ -381,7 +385,7 @@ class CgroupActuator:
         d = self._dir(g, "blkio")
         ctl = self._node(g, "blkio").controller
         if (d / "blkio.bfq.weight").exists():
-            _io(lambda: ctl.set_property(b"blkio.bfq.weight", scaled))  # cgroupspy has no attribute for it
+            _io(lambda: ctl.set_property(b"blkio.bfq.weight", min(max(int(weight), BLKIO_MIN), BLKIO_MAX)))
         elif (d / "blkio.weight").exists():  # CFQ: default 500, rescoin's own scale
             _io(lambda: setattr(ctl, "weight", min(max(int(weight), BLKIO_MIN), BLKIO_MAX)))
         else:
@@ -430,9 +434,8 @@ class CgroupActuator:
         out["blkio"] = out["io_weight"] = None  # also when libvirt manages no blkio cgroup for the VM
         if "blkio" in g.top:
             blk = self._dir(g, "blkio")
-            if (blk / "blkio.bfq.weight").exists():
-                out["io_weight"] = int(_read(blk / "blkio.bfq.weight").split()[-1])
-                out["blkio"] = io_weight_to_blkio(out["io_weight"])
+            if (blk / "blkio.bfq.weight").exists():  # written unscaled on v1, as libvirt does
+                out["blkio"] = out["io_weight"] = int(_read(blk / "blkio.bfq.weight").split()[-1])
             elif (blk / "blkio.weight").exists():
                 out["blkio"] = int(_read(blk / "blkio.weight").split()[-1])
         out["cpuset"] = [_io(lambda: self._node(g, "cpuset", "vcpus", v).controller.get_property(b"cpuset.cpus"))

@@ -216,3 +216,37 @@ def test_vm_entries_that_match_no_vm_are_named_at_first_sight_and_after_a_reload
         daemon.step()
     warned = [r.message for r in caplog.records if "matches no VM" in r.message]
     assert len(warned) == 1 and '[vm."gone"]' in warned[0]
+
+
+def test_restore_on_exit_after_a_reload_to_dry_run_puts_back_what_was_applied(cfg):
+    cfg.write('restore_on_exit = true\nvm_filter = "rx-*"\n[vm.rx-a]\nweight = 10\n')
+    d = Daemon(load(cfg.path), config_path=str(cfg.path))
+    try:
+        add_vms(d, "rx-a", "rx-b")
+        conn = real(d).lv.connect()
+        for name in ("rx-a", "rx-b"):
+            conn.lookupByName(name).setBlkioParameters({"weight": 300})  # the test driver's 0 is no weight
+        original = blkio(d)
+        settle(d)
+        assert blkio(d) != original  # the live run changed the VMs
+        cfg.write('restore_on_exit = true\ndry_run = true\nvm_filter = "rx-*"\n[vm.rx-a]\nweight = 10\n')
+        d.reload()
+        d.step()
+        d.close()  # still restores: the dry run came after real changes
+        assert blkio(d) == original
+    finally:
+        real(d).close()
+
+
+def test_a_daemon_that_was_always_dry_changes_nothing_on_exit(cfg):
+    cfg.write('restore_on_exit = true\ndry_run = true\nvm_filter = "dry-*"\n')
+    d = Daemon(load(cfg.path), config_path=str(cfg.path))
+    try:
+        add_vms(d, "dry-a")
+        d.step()
+        real(d).lv.connect().lookupByName("dry-a").setBlkioParameters({"weight": 321})  # by someone else
+        d.step()
+        d.close()
+        assert blkio(d)["dry-a"] == 321
+    finally:
+        real(d).close()
