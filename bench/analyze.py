@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rescoin.historycsv import HistoryWriter
+from rescoin.offline.historycsv import HistoryWriter
 from rescoin.hosts.sim import SimHost
-from rescoin.loop import ControlLoop, run_daemon
-from rescoin.policies import make_policy
-from rescoin.resources import N_RES
-from rescoin.traces import Trace
+from rescoin.core.loop import ControlLoop, run_daemon
+from rescoin.core.policies import make_policy
+from rescoin.core.resources import N_RES
+from rescoin.offline.traces import Trace
 
 PERIOD = 300.0
 
@@ -84,7 +84,7 @@ def main() -> None:
         else:
             made = make_history(hist, args.vms, args.days, args.policy)
             gen = time.perf_counter() - t0
-        cmd = [sys.executable, "-m", "rescoin.analysis", str(hist), "--format", "json"]
+        cmd = [sys.executable, "-m", "rescoin.offline.analysis", str(hist), "--format", "json"]
         runs = {"analyze": cmd}
         if args.report:
             runs["analyze --report"] = cmd + ["--report", str(Path(tmp) / "report")]

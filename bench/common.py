@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rescoin.traces import Trace, load_trace, sample_trace_path
+from rescoin.offline.traces import Trace, load_trace, sample_trace_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TRACE = Path(os.environ.get("RESCOIN_TRACE", REPO.parent / "shared" / "traces" / "bitbrains_rnd"))

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from common import load, scaled
-from rescoin.simulate import SimSettings, build_loop
+from rescoin.offline.simulate import SimSettings, build_loop
 
 
 def measure(trace, steps: int, warmup: int = 20) -> dict:

@@ -12,8 +12,8 @@ import argparse
 import json
 
 from common import load
-from rescoin.policies import POLICIES
-from rescoin.simulate import SimSettings, simulate
+from rescoin.core.policies import POLICIES
+from rescoin.offline.simulate import SimSettings, simulate
 
 SLICES = {  # name: (vm_offset, vms, start_day, days)
     "tuned: VMs 1-100, days 0-7": (0, 100, 0, 7),

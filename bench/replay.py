@@ -11,8 +11,8 @@ import statistics
 import time
 
 from common import load
-from rescoin.policies import POLICIES
-from rescoin.simulate import SimSettings, run_policy
+from rescoin.core.policies import POLICIES
+from rescoin.offline.simulate import SimSettings, run_policy
 
 
 def main() -> None:

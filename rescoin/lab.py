@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 from xml.sax.saxutils import escape, quoteattr
 
+from rescoin.shipped import GUEST_AGENT_DIR
+
 LAB_PREFIX = "rescoin-lab-"
 LAB_ROOT = Path("/var/lib/rescoin/lab")
 IMAGE_DIR = LAB_ROOT / "image"
@@ -55,9 +57,8 @@ DISK_MIB = 64
 AGENT_TIMEOUT = 120.0          # seconds lab_up waits for every agent to answer
 METADATA_NS = "https://rescoin.invalid/xmlns/lab/1"
 
-_REPO = Path(__file__).resolve().parent.parent
-AGENT_SOURCE = _REPO / "guest_agent" / "rescoin_agent.py"
-LOADGEN_SOURCE = _REPO / "guest_agent" / "loadgen.py"
+AGENT_SOURCE = GUEST_AGENT_DIR / "rescoin_agent.py"
+LOADGEN_SOURCE = GUEST_AGENT_DIR / "loadgen.py"
 
 # name -> the load generator spec of each VM (VM i gets specs[i % len(specs)]);
 # spec syntax: guest_agent/loadgen.py

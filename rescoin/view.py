@@ -22,12 +22,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .evaluate import METRICS
-from .history import History
-from .loop import Step
-from .policies.rescoin import combined_credit, credits
-from .policies.base import PolicyInput
-from .resources import CPU, MEMORY, RESOURCES, UNITS
+from rescoin.offline.evaluate import METRICS
+from rescoin.core.history import History
+from rescoin.core.loop import Step
+from rescoin.core.policies.rescoin import combined_credit, credits
+from rescoin.core.policies.base import PolicyInput
+from rescoin.core.resources import CPU, MEMORY, RESOURCES, UNITS
 
 SHORT = {"satisfaction": "satisf", "violations": "viol", "worst_off": "worst", "fairness": "Jain",
          "breaches": "breach", "actuations_per_vm_hour": "act/VMh", "reclaimed": "reclaim",

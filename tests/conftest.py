@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rescoin.history import History
-from rescoin.model import Controls, Observation, VMSet
-from rescoin.policies import PolicyInput, entitlement
-from rescoin.predict import make_predictor
-from rescoin.resources import CPU, MEMORY, N_RES, HostCapacity
-from rescoin.traces import Trace
+from rescoin.core.history import History
+from rescoin.core.model import Controls, Observation, VMSet
+from rescoin.core.policies import PolicyInput, entitlement
+from rescoin.core.predict import make_predictor
+from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
+from rescoin.offline.traces import Trace
 
 
 def make_trace(demand, sizes, name: str = "syn", start: float = 0.0, period: float = 300.0) -> Trace:

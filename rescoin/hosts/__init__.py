@@ -1,4 +1,4 @@
 """Hosts the control loop runs against: a simulated one here, real ones in later modules."""
-from .base import ApplyResult, Host
+from rescoin.hosts.base import ApplyResult, Host
 
 __all__ = ["ApplyResult", "Host"]

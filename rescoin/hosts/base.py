@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..model import Observation, Plan
-from ..resources import HostCapacity
+from rescoin.core.model import Observation, Plan
+from rescoin.core.resources import HostCapacity
 
 
 @dataclass

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .actuators import QUOTA_PERIOD_US, Call, quota_us
+from rescoin.hosts.actuators import QUOTA_PERIOD_US, Call, quota_us
 
 log = logging.getLogger("rescoin.cgroupfs")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..agent import swap_fault_pressure
+from rescoin.hosts.agent import swap_fault_pressure
 
 NAN = float("nan")
 #: headroom over the host's view of used memory a claim may have (the balloon statistics lag a little)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .base import ApplyResult
+from rescoin.hosts.base import ApplyResult
 
 log = logging.getLogger("rescoin.dryrun")
 

@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..loop import HostUnavailableError
-from ..model import Controls, Observation, Plan, VMSet
-from ..resources import CPU, DISK, MEMORY, N_RES, NET, HostCapacity
-from .actuators import Actuator, LibvirtActuator
-from .base import ApplyResult
-from .claims import HostMemory, cross_check
-from .restore import RESTORE_TIMEOUT, original_caps, restore_pending, restore_vms
+from rescoin.core.loop import HostUnavailableError
+from rescoin.core.model import Controls, Observation, Plan, VMSet
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET, HostCapacity
+from rescoin.hosts.actuators import Actuator, LibvirtActuator
+from rescoin.hosts.base import ApplyResult
+from rescoin.hosts.claims import HostMemory, cross_check
+from rescoin.hosts.restore import RESTORE_TIMEOUT, original_caps, restore_pending, restore_vms
 
 log = logging.getLogger("rescoin.libvirt")
 
@@ -189,7 +189,7 @@ class LibvirtHost:
         self.tcp_agents: dict[str, str] = {}  # VM name -> "host:port" of a TCP agent (else the virtio channel)
         self.actuator = actuator or LibvirtActuator()
         self.settings = settings or HostSettings()
-        self.agents = agents  # rescoin.agent.AgentClient or None
+        self.agents = agents  # rescoin.hosts.agent.AgentClient or None
         self.managed = managed or (lambda uuid, name: True)
         self.vms: dict[str, VMState] = {}
         self.t = 0
@@ -427,7 +427,7 @@ class LibvirtHost:
     def _agent_data(self, rows: list[VMState], usage: list, signal: list, confirmed: list,
                     interval: float) -> None:
         """Merge what the guest agents say, as claims checked against the host's own view."""
-        from ..agent import AgentError, check_size, signals_from
+        from rescoin.hosts.agent import AgentError, check_size, signals_from
 
         endpoints = {r.uuid: f"tcp:{self.tcp_agents[r.name]}" if r.name in self.tcp_agents else r.agent
                      for r in rows if r.agent or r.name in self.tcp_agents}

@@ -6,7 +6,7 @@ interface caps and the memtune soft limit, all of which ``apply()`` may change.
 ``restore_vms`` puts them back through one libvirt connection, retrying with
 backoff for a bounded time; the VMs it could not reach are returned, the
 daemon saves them in its state file, and the next start restores them first
-(``restore_pending``). Field names and types: ``rescoin.state.ORIGINAL_FIELDS``.
+(``restore_pending``). Field names and types: ``rescoin.ops.state.ORIGINAL_FIELDS``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from ..loop import HostUnavailableError
+from rescoin.core.loop import HostUnavailableError
 
 log = logging.getLogger("rescoin.libvirt")
 

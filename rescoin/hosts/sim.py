@@ -20,12 +20,12 @@ import uuid
 
 import numpy as np
 
-from ..arrays import fillnan
+from rescoin.core.arrays import fillnan
 
-from ..model import ACTION_KINDS, Controls, Observation, Plan, VMSet
-from ..resources import CPU, MEMORY, N_RES, HostCapacity
-from ..sharing import water_fill, water_fill_columns
-from .base import ApplyResult
+from rescoin.core.model import ACTION_KINDS, Controls, Observation, Plan, VMSet
+from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
+from rescoin.core.sharing import water_fill, water_fill_columns
+from rescoin.hosts.base import ApplyResult
 
 NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
 

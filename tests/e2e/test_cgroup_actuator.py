@@ -23,8 +23,8 @@ from rescoin import lab  # noqa: E402
 from rescoin.hosts.actuators import quota_us  # noqa: E402
 from rescoin.hosts.cgroupfs import CgroupActuator, cpulist  # noqa: E402
 from rescoin.hosts.libvirt import LibvirtHost, _cpumap  # noqa: E402
-from rescoin.loop import ControlLoop  # noqa: E402
-from rescoin.policies import make_policy  # noqa: E402
+from rescoin.core.loop import ControlLoop  # noqa: E402
+from rescoin.core.policies import make_policy  # noqa: E402
 
 URI = "qemu:///system"
 NAME = "rescoin-cg-0"

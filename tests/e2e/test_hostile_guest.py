@@ -21,7 +21,7 @@ pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test
 from test_real_vms import PERIOD, Daemon, agent, balloon_mib, conn, dom, wait_for  # noqa: E402,F401 - conn: fixture
 
 from rescoin import lab  # noqa: E402
-from rescoin.guard import GuardConfig  # noqa: E402
+from rescoin.core.guard import GuardConfig  # noqa: E402
 
 SPECS = ["idle", "mem:hold:96", "idle"]  # 0: the liar (idle); 1, 2: honest
 NAMES = [f"{lab.LAB_PREFIX}{i}" for i in range(len(SPECS))]

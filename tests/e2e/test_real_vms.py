@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test` (scripts/setup-host)")
 
 from rescoin import lab  # noqa: E402
-from rescoin.guard import blkio_weights  # noqa: E402
+from rescoin.core.guard import blkio_weights  # noqa: E402
 
 URI = "qemu:///system"
 PERIOD = 2.0

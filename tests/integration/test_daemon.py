@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
-from rescoin.status import query, render  # noqa: E402
+from rescoin.ops.status import query, render  # noqa: E402
 
 
 def free_port() -> int:

@@ -22,10 +22,10 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
-from rescoin.config import load  # noqa: E402
-from rescoin.daemon import Daemon  # noqa: E402
+from rescoin.ops.config import load  # noqa: E402
+from rescoin.ops.daemon import Daemon  # noqa: E402
 from rescoin.hosts.libvirt import HostSettings, LibvirtHost  # noqa: E402
-from rescoin.status import query  # noqa: E402
+from rescoin.ops.status import query  # noqa: E402
 from test_daemon import Proc  # noqa: E402 - the child-process helper of the daemon tests
 
 TEST_VM = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's "test" domain
@@ -179,17 +179,17 @@ def test_history_write_errors_do_not_stop_the_daemon(tmp_path):
 
 @needs_root
 def test_history_on_a_disk_turned_read_only_is_retried(tmp_path, caplog):
-    from rescoin.historycsv import HistoryWriter
+    from rescoin.offline.historycsv import HistoryWriter
     from rescoin.hosts.sim import SimHost
-    from rescoin.loop import ControlLoop
-    from rescoin.policies import make_policy
-    from rescoin.traces import load_trace, sample_trace_path
+    from rescoin.core.loop import ControlLoop
+    from rescoin.core.policies import make_policy
+    from rescoin.offline.traces import load_trace, sample_trace_path
 
     loop = ControlLoop(SimHost(load_trace(sample_trace_path(), vms=2, days=0.1)), make_policy("static"))
     steps = list(loop.steps(4))
     with tmpfs(tmp_path / "hist") as hist:
         w = HistoryWriter(hist, "h")
-        with caplog.at_level(logging.WARNING, logger="rescoin.history"):
+        with caplog.at_level(logging.WARNING, logger="rescoin.core.history"):
             assert w.try_write(steps[0], loop.history)
             w.close()
             remount(hist, "ro")

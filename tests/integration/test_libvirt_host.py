@@ -18,12 +18,12 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
-from rescoin.agent import AgentClient  # noqa: E402
-from rescoin.guard import Guard  # noqa: E402
+from rescoin.hosts.agent import AgentClient  # noqa: E402
+from rescoin.core.guard import Guard  # noqa: E402
 from rescoin.hosts.libvirt import HostSettings, HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
-from rescoin.loop import ControlLoop  # noqa: E402
-from rescoin.model import Allocation  # noqa: E402
-from rescoin.policies import make_policy  # noqa: E402
+from rescoin.core.loop import ControlLoop  # noqa: E402
+from rescoin.core.model import Allocation  # noqa: E402
+from rescoin.core.policies import make_policy  # noqa: E402
 
 EXTRA = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memory>
 <currentMemory unit='MiB'>1024</currentMemory><vcpu>{vcpus}</vcpu>
@@ -136,7 +136,7 @@ def test_vm_vanishing_between_observe_and_apply_is_survived(host):
     assert "short-lived" in obs.vms.names.tolist()
     dom.destroy()
     dom.undefine()
-    from rescoin.policies import PolicyInput, entitlement
+    from rescoin.core.policies import PolicyInput, entitlement
 
     ent = entitlement(obs.vms.sizes, obs.vms.weight, obs.host.capacity)
     loop.history.push(obs)
@@ -198,7 +198,7 @@ def test_dry_run_host_applies_nothing(host, capsys):
 
 
 def test_disk_cap_and_memtune_soft_limit_reach_libvirt():
-    from rescoin.model import Allocation as A
+    from rescoin.core.model import Allocation as A
 
     h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0, memtune_soft_limit=True))
     obs = h.observe()
@@ -218,7 +218,7 @@ def test_disk_cap_and_memtune_soft_limit_reach_libvirt():
 
 
 def test_per_vm_config_weight_memory_bounds_and_exclude():
-    from rescoin.config import parse
+    from rescoin.ops.config import parse
 
     cfg = parse('[vm.test]\nweight = 3\nmin_memory_mib = 700\nmax_memory_mib = 4096\n[vm.extra]\nexclude = true\n')
     h = LibvirtHost("test:///default", vm_config=cfg.for_vm)
@@ -320,7 +320,7 @@ def test_agent_values_beyond_the_vm_size_are_no_agent_data(agent_vm, caplog):
 
 
 def test_per_vm_max_memory_below_use_keeps_the_floor(caplog):
-    from rescoin.config import parse
+    from rescoin.ops.config import parse
 
     # 64 MiB limit for a guest holding 2048 MiB whose use the host cannot see: nothing is reclaimed
     cfg = parse("[vm.test]\nmax_memory_mib = 64\n")

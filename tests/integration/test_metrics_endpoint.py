@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
-from rescoin.metrics import MAX_CONNECTIONS  # noqa: E402
+from rescoin.ops.metrics import MAX_CONNECTIONS  # noqa: E402
 
 RUN = [sys.executable, "-m", "rescoin.cli", "run", "--uri", "test:///default", "--state", "", "--history", "",
        "--status-socket", ""]

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
-from rescoin.config import load  # noqa: E402
-from rescoin.daemon import Daemon  # noqa: E402
-from rescoin.resources import MEMORY  # noqa: E402
+from rescoin.ops.config import load  # noqa: E402
+from rescoin.ops.daemon import Daemon  # noqa: E402
+from rescoin.core.resources import MEMORY  # noqa: E402
 
 BASE = '[daemon]\nuri = "test:///default"\nstate_file = ""\nhistory_dir = ""\nstatus_socket = ""\nperiod = 1\n'
 VM = """<domain type='test'><name>{name}</name><memory unit='MiB'>2048</memory>
@@ -184,7 +184,7 @@ def test_reload_starts_moves_and_stops_the_metrics_endpoint(daemon, cfg, caplog)
 def test_reload_names_the_settings_that_need_a_restart_only_when_they_changed(daemon, cfg, tmp_path, caplog):
     daemon.step()
     cfg.write("restore_on_exit = true\n")
-    with caplog.at_level(logging.INFO, logger="rescoin.daemon"):
+    with caplog.at_level(logging.INFO, logger="rescoin.ops.daemon"):
         daemon.reload()
     line = caplog.records[-1].message
     assert "configuration reloaded" in line and "changed: daemon.restore_on_exit" in line
@@ -192,7 +192,7 @@ def test_reload_names_the_settings_that_need_a_restart_only_when_they_changed(da
     moved = (f'[daemon]\nuri = "test:///other"\nstate_file = "{tmp_path / "s.npz"}"\nhistory_dir = "{tmp_path}"\n'
              'status_socket = ""\nperiod = 1\n')
     cfg.write(base=moved)
-    with caplog.at_level(logging.INFO, logger="rescoin.daemon"):
+    with caplog.at_level(logging.INFO, logger="rescoin.ops.daemon"):
         daemon.reload()
     line = caplog.records[-1].message
     assert line.endswith("restart needed for: daemon.uri, daemon.history_dir, daemon.state_file"), line
@@ -204,7 +204,7 @@ def test_vm_entries_that_match_no_vm_are_named_at_first_sight_and_after_a_reload
     add_vms(daemon, "stopped", start=False)  # defined, not running: its entry is no typo
     cfg.write('[vm.test]\nweight = 2\n[vm.stopped]\nweight = 2\n[vm."tset"]\nweight = 2\n')
     daemon.reload()
-    with caplog.at_level(logging.WARNING, logger="rescoin.daemon"):
+    with caplog.at_level(logging.WARNING, logger="rescoin.ops.daemon"):
         daemon.step()
         daemon.step()
     warned = [r.message for r in caplog.records if "matches no VM" in r.message]
@@ -212,7 +212,7 @@ def test_vm_entries_that_match_no_vm_are_named_at_first_sight_and_after_a_reload
     caplog.clear()
     cfg.write('[vm.test]\nweight = 2\n[vm."6695eb01-f6a4-8304-79aa-97f2502e193f"]\nexclude = false\n[vm.gone]\n')
     daemon.reload()
-    with caplog.at_level(logging.WARNING, logger="rescoin.daemon"):
+    with caplog.at_level(logging.WARNING, logger="rescoin.ops.daemon"):
         daemon.step()
     warned = [r.message for r in caplog.records if "matches no VM" in r.message]
     assert len(warned) == 1 and '[vm."gone"]' in warned[0]

@@ -1,4 +1,4 @@
-"""The guest agent (run for real as a subprocess) and the host side in rescoin.agent."""
+"""The guest agent (run for real as a subprocess) and the host side in rescoin.hosts.agent."""
 from __future__ import annotations
 
 import ast
@@ -21,17 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from rescoin.agent import (
-    AgentClient,
-    AgentError,
-    AgentReport,
-    StaleReply,
-    check_size,
-    load_key,
-    parse_reply,
-    signals_from,
-)
-from rescoin.resources import Resource
+from rescoin.hosts.agent import AgentClient, AgentError, AgentReport, StaleReply, check_size, load_key, parse_reply, signals_from
+from rescoin.core.resources import Resource
 
 AGENT = Path(__file__).resolve().parents[2] / "guest_agent" / "rescoin_agent.py"
 

@@ -11,7 +11,7 @@ from dataclasses import fields
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rescoin.agent import AgentError, AgentReport, parse_reply
+from rescoin.hosts.agent import AgentError, AgentReport, parse_reply
 
 KEY = b"fuzz-key-0123456789abcdef"
 NOW = 1_700_000_000.0

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from rescoin.cli import main
-from rescoin.historycsv import read_history
-from rescoin.traces import load_trace, sample_trace_path
+from rescoin.offline.historycsv import read_history
+from rescoin.offline.traces import load_trace, sample_trace_path
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLANETLAB = DATA / "planetlab"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from rescoin.cli import main
-from rescoin.config import Config, ConfigError, default_text, load, parse
+from rescoin.ops.config import Config, ConfigError, default_text, load, parse
 
 
 def test_default_file_is_complete_and_parses_to_the_defaults():
@@ -48,7 +48,7 @@ def test_per_vm_entries_by_name_or_uuid():
 def test_missing_named_file_is_an_error_missing_default_is_defaults(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no such configuration file"):
         load(tmp_path / "nope.toml")
-    import rescoin.config as c
+    import rescoin.ops.config as c
 
     monkeypatch.setattr(c, "DEFAULT_PATH", tmp_path / "absent.toml")
     assert load(None) == Config()
@@ -73,7 +73,7 @@ def _number_options():
     """Every numeric option of every section, as (section, key)."""
     from dataclasses import fields
 
-    from rescoin.config import SECTIONS, VMConfig
+    from rescoin.ops.config import SECTIONS, VMConfig
 
     out = [(name, f.name) for name, cls in SECTIONS.items() for f in fields(cls)
            if type(f.default) in (int, float)]
@@ -196,7 +196,7 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
 
 
 def test_vm_entries_matching_no_vm_by_name_or_uuid():
-    from rescoin.config import unmatched_vm_entries
+    from rescoin.ops.config import unmatched_vm_entries
 
     cfg = parse('[vm.web]\n[vm."6695eb01-f6a4-8304-79aa-97f2502e193f"]\n[vm.wbe]\n[vm.db]\n')
     vms = [("6695eb01-f6a4-8304-79aa-97f2502e193f", "test"), ("u2", "web"), ("u3", "db")]
@@ -205,7 +205,7 @@ def test_vm_entries_matching_no_vm_by_name_or_uuid():
 
 
 def test_changed_keys_name_options_and_vm_entries():
-    from rescoin.config import changed_keys
+    from rescoin.ops.config import changed_keys
 
     old = parse('[daemon]\nperiod = 60\n[vm.web]\nweight = 2\n')
     new = parse('[daemon]\nperiod = 30\ndry_run = true\n[host]\nreserve_mib = 10\n[vm.web]\nweight = 3\n[vm.db]\n')
@@ -218,7 +218,7 @@ def test_changed_keys_name_options_and_vm_entries():
 def test_argparse_numbers_refuse_nan_and_infinity(text):
     import argparse
 
-    from rescoin.argtypes import number
+    from rescoin.cli.argtypes import number
 
     for parse_number in (number(float), number(float, 0), number(float, 0, strict=True)):
         with pytest.raises(argparse.ArgumentTypeError, match="finite"):

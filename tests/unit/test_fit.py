@@ -9,21 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rescoin.fit import (
-    FIT,
-    HELD,
-    Series,
-    batching_works,
-    check_table,
-    fit,
-    main,
-    parts,
-    replay,
-)
-from rescoin.history import History
-from rescoin.historycsv import HistoryWriter
-from rescoin.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
-from rescoin.resources import CPU, MEMORY, N_RES, RESOURCES, Resource
+from rescoin.offline.fit import FIT, HELD, Series, batching_works, check_table, fit, main, parts, replay
+from rescoin.core.history import History
+from rescoin.offline.historycsv import HistoryWriter
+from rescoin.core.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
+from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES, Resource
 
 PLAIN = PredictorParams(alpha_up=0.9, alpha_down=0.9, hold_last=0.0, growth=1.0)
 
@@ -200,7 +190,7 @@ def test_fit_user_errors_are_one_line(tmp_path, kit, capsys, argv, monkeypatch):
 
 
 def test_under_weight_per_resource():
-    from rescoin.fit import UnderWeight
+    from rescoin.offline.fit import UnderWeight
 
     w = UnderWeight.parse("memory=10,cpu=2")
     assert np.asarray(w).tolist() == [2.0, 10.0, 4.0, 4.0]
@@ -225,7 +215,7 @@ def test_under_weight_per_resource():
 def fit_args(argv: list[str]):
     import argparse
 
-    from rescoin.fit import add_fit_parser
+    from rescoin.offline.fit import add_fit_parser
 
     parser = argparse.ArgumentParser()
     add_fit_parser(parser.add_subparsers())
@@ -236,7 +226,7 @@ def test_defaults_are_those_that_made_the_shipped_model():
     """A plain `rescoin fit HISTORY -o PATH` uses the base and weights in models/default.toml's command line."""
     import shlex
 
-    from rescoin.predict import MODELS_DIR
+    from rescoin.core.predict import MODELS_DIR
 
     shipped = MODELS_DIR / "default.toml"
     command = next(line for line in shipped.read_text().splitlines() if line.startswith("# command: "))
@@ -274,7 +264,7 @@ def one_line(err: str) -> str:
 
 @pytest.mark.parametrize("periods", [3, 20])
 def test_short_history_warns(periods, tmp_path, kit, capsys):
-    from rescoin.fit import WARN_PERIODS
+    from rescoin.offline.fit import WARN_PERIODS
 
     hist = write_history(tmp_path / "hist", kit, periods=periods)
     out = tmp_path / "m.toml"
@@ -288,7 +278,7 @@ def test_short_history_warns(periods, tmp_path, kit, capsys):
 
 
 def test_long_enough_history_does_not_warn(tmp_path, kit, capsys, monkeypatch):
-    import rescoin.fit as fitmod
+    import rescoin.offline.fit as fitmod
 
     monkeypatch.setattr(fitmod, "WARN_PERIODS", 30)  # the real minimum (a day) would make this test slow
     hist = write_history(tmp_path / "hist", kit, periods=40)
@@ -297,7 +287,7 @@ def test_long_enough_history_does_not_warn(tmp_path, kit, capsys, monkeypatch):
 
 
 def test_history_below_the_hard_minimum_is_refused(tmp_path, kit, capsys):
-    from rescoin.fit import MIN_PERIODS
+    from rescoin.offline.fit import MIN_PERIODS
 
     hist = write_history(tmp_path / "hist", kit, periods=MIN_PERIODS - 1)
     out = tmp_path / "m.toml"
@@ -312,7 +302,7 @@ def test_history_below_the_hard_minimum_is_refused(tmp_path, kit, capsys):
 @pytest.fixture
 def slow_fit_forbidden(monkeypatch):
     """The fit must not run: a bad -o path is reported before it."""
-    import rescoin.fit as fitmod
+    import rescoin.offline.fit as fitmod
 
     def fail(*a, **kw):
         raise AssertionError("the fit ran before the output path was checked")

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rescoin.guard import Guard, GuardConfig, blkio_weights
-from rescoin.model import Allocation, Controls
-from rescoin.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.core.guard import Guard, GuardConfig, blkio_weights
+from rescoin.core.model import Allocation, Controls
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
 
 NAN = np.nan
 C = GuardConfig()

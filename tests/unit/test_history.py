@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rescoin.history import SERIES, History
-from rescoin.historycsv import HistoryWriter, read_history
-from rescoin.predict import default_predictor
-from rescoin.resources import CPU, MEMORY, N_RES
-from rescoin.simulate import SimSettings, build_loop
+from rescoin.core.history import SERIES, History
+from rescoin.offline.historycsv import HistoryWriter, read_history
+from rescoin.core.predict import default_predictor
+from rescoin.core.resources import CPU, MEMORY, N_RES
+from rescoin.offline.simulate import SimSettings, build_loop
 
 CAP = [8.0, 8192.0, 1000.0, 1000.0]
 #: DESIGN section 5, in order

@@ -7,13 +7,13 @@ import threading
 import numpy as np
 import pytest
 
-from rescoin.evaluate import jain
+from rescoin.offline.evaluate import jain
 from rescoin.hosts.sim import SimHost
-from rescoin.loop import ControlLoop, run_daemon
-from rescoin.model import Controls
-from rescoin.policies import POLICIES, make_policy
-from rescoin.resources import CPU, DISK, MEMORY, N_RES, NET
-from rescoin.simulate import SimSettings, build_loop, run_policy
+from rescoin.core.loop import ControlLoop, run_daemon
+from rescoin.core.model import Controls
+from rescoin.core.policies import POLICIES, make_policy
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.offline.simulate import SimSettings, build_loop, run_policy
 
 NAN = np.nan
 
@@ -330,7 +330,7 @@ def test_breaches_counted_when_below_sharing_incentive(kit):
     demand = np.tile([4.0, 4.0], (periods, 1))
     trace = kit.trace(demand, np.array([4.0, 4.0]))
     loop = build_loop(trace, "static", SimSettings(overcommit=2.0))
-    from rescoin.evaluate import Metrics
+    from rescoin.offline.evaluate import Metrics
 
     m = Metrics()
     for step in loop.steps():

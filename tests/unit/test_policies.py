@@ -8,18 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rescoin.history import History
-from rescoin.model import Forecast
-from rescoin.placement import (
-    BalancePlacement,
-    KvmSchedulingPlacement,
-    VmBalancerPlacement,
-    group_load,
-    make_placement,
-)
-from rescoin.policies import POLICIES, entitlement, make_policy
-from rescoin.policies.peers import MomPolicy, drf_fill
-from rescoin.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.core.history import History
+from rescoin.core.model import Forecast
+from rescoin.core.placement import BalancePlacement, KvmSchedulingPlacement, VmBalancerPlacement, group_load, make_placement
+from rescoin.core.policies import POLICIES, entitlement, make_policy
+from rescoin.core.policies.peers import MomPolicy, drf_fill
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
 
 NAN = np.nan
 

@@ -1,4 +1,4 @@
-"""Weighted max-min water-filling (rescoin.sharing)."""
+"""Weighted max-min water-filling (rescoin.core.sharing)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rescoin.sharing import water_fill, water_fill_columns
+from rescoin.core.sharing import water_fill, water_fill_columns
 
 # -- hand-computed cases -------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ def test_scaling_weights_changes_nothing(d, cap, c):
 @given(st.integers(1, 30), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_columns_fast_path_equals_the_sorted_algorithm(n, k, seed):
     """The rounds of proportional filling give exactly the sorted water-filling result."""
-    from rescoin.sharing import _sorted_columns, water_fill_columns
+    from rescoin.core.sharing import _sorted_columns, water_fill_columns
 
     rng = np.random.default_rng(seed)
     d = rng.exponential(1.0, (n, k)) * (rng.random((n, k)) > 0.2)

@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rescoin.history import History
-from rescoin.historycsv import HEADER, HistoryWriter, read_history
-from rescoin.paths import PathError, PathLock
-from rescoin.simulate import SimSettings, build_loop
-from rescoin.state import FORMAT, StateFile, check_originals, is_rescoin_state, load_state, save_state
-from rescoin.status import StatusServer, query
+from rescoin.core.history import History
+from rescoin.offline.historycsv import HEADER, HistoryWriter, read_history
+from rescoin.ops.paths import PathError, PathLock
+from rescoin.offline.simulate import SimSettings, build_loop
+from rescoin.ops.state import FORMAT, StateFile, check_originals, is_rescoin_state, load_state, save_state
+from rescoin.ops.status import StatusServer, query
 
 MIDNIGHT = 1375315200.0  # 2013-08-01 00:00:00 UTC
 ORIGINAL = {"shares": 1024, "quota": -1, "balloon": 2048.0, "blkio": 500, "pins": [[True, True]]}
@@ -97,7 +97,7 @@ def test_damaged_state_is_kept_under_a_new_name_each_time(kit, tmp_path, caplog)
         path.write_bytes(data[: len(data) // 2])  # rescoin's own file, cut in half
         assert is_rescoin_state(path)
         state = StateFile(path).open()
-        with caplog.at_level(logging.WARNING, logger="rescoin.state"):
+        with caplog.at_level(logging.WARNING, logger="rescoin.ops.state"):
             saved = state.load(60)
         state.close()
         assert saved.history.t == 0 and not path.exists()
@@ -111,7 +111,7 @@ def test_damaged_state_is_kept_under_a_new_name_each_time(kit, tmp_path, caplog)
 def test_state_with_short_rings_starts_fresh_and_is_kept(kit, tmp_path, caplog):
     path = tmp_path / "state.npz"
     save_state(path, busy_history(kit, window=30), FakeHost())  # a window the daemon does not keep
-    with caplog.at_level(logging.WARNING, logger="rescoin.state"):
+    with caplog.at_level(logging.WARNING, logger="rescoin.ops.state"):
         saved = load_state(path, 60)
     assert saved.history.t == 0 and saved.history.window == 60
     assert "window 30" in caplog.text and len(kept_files(path)) == 1
@@ -224,7 +224,7 @@ def test_history_write_error_is_said_once_and_writing_resumes(kit, tmp_path, cap
     path.unlink()
     path.mkdir()  # the day's file cannot be opened any more: IsADirectoryError, an OSError
     w._fh = None
-    with caplog.at_level(logging.WARNING, logger="rescoin.history"):
+    with caplog.at_level(logging.WARNING, logger="rescoin.core.history"):
         assert not w.try_write(steps[1], loop.history)
         assert not w.try_write(steps[2], loop.history)
         assert caplog.text.count("history is not being written") == 1

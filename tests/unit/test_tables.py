@@ -21,9 +21,9 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from rescoin.resources import CPU, RESOURCES
-from rescoin.simulate import simulate
-from rescoin.traces import load_trace, sample_trace_path
+from rescoin.core.resources import CPU, RESOURCES
+from rescoin.offline.simulate import simulate
+from rescoin.offline.traces import load_trace, sample_trace_path
 from rescoin.view import SHORT, _fmt, fit_tables, metric_tables, progress, Col
 
 DATA = Path(__file__).resolve().parents[1] / "data"

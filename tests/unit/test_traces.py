@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rescoin import traces
+from rescoin.offline import traces
 from rescoin.hosts.sim import SimHost
-from rescoin.resources import CPU, DISK, MEMORY, N_RES, NET
-from rescoin.traces import TraceError, detect_format, load_trace, sample_trace_path
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.offline.traces import TraceError, detect_format, load_trace, sample_trace_path
 
 T0 = 1375308000  # a multiple of 300: samples land exactly on grid points
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -478,7 +478,7 @@ def test_a_1970_timestamp_is_dropped_with_one_warning_naming_file_and_line(tmp_p
     rows[10][0] = 1  # line 12 of the file (header, then rows 0..)
     f = write_bb(tmp_path / "1.csv", rows)
     write_bb(tmp_path / "2.csv", steady(50))
-    with caplog.at_level("WARNING", logger="rescoin.traces"):
+    with caplog.at_level("WARNING", logger="rescoin.offline.traces"):
         tr = load_trace(tmp_path)
     assert tr.n_periods == 50  # not 43 years
     assert not np.isnan(tr.demand[10, 0]).any()  # the cell of the dropped row is interpolated
@@ -539,7 +539,7 @@ def test_memory_beyond_size_is_clipped_and_impossible_values_are_unknown(tmp_pat
 
 
 def test_one_huge_memory_value_no_longer_ruins_every_policy(tmp_path):
-    from rescoin.simulate import simulate
+    from rescoin.offline.simulate import simulate
 
     rows = [[bb_row(T0 + 300 * i, mem=2048.0 * 1024 + 1024.0 * (i % 7)) for i in range(60)] for _ in range(3)]
     rows[1][20][6] = 1e30
@@ -568,7 +568,7 @@ def test_blank_lines_are_not_short_rows(tmp_path):
 
 
 def test_span_beyond_the_maximum_needs_days(tmp_path):
-    from rescoin.tracecheck import MAX_SPAN_DAYS
+    from rescoin.offline.tracecheck import MAX_SPAN_DAYS
 
     n = MAX_SPAN_DAYS + 30
     write_bb(tmp_path / "1.csv", [bb_row(T0 + 86400 * i) for i in range(n)])  # one sample a day

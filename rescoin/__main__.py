@@ -1,0 +1,6 @@
+"""``python -m rescoin ...``: the same as the ``rescoin`` command."""
+import sys
+
+from rescoin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Cluster balancing (room reserved: TOPSIS, AHP, balancers, migration)."""

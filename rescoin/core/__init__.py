@@ -1,0 +1,1 @@
+"""The decision core: pure numpy values, history, prediction, policies, placement, sharing, guard, loop."""

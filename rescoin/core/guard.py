@@ -1,0 +1,276 @@
+"""The guard: the only place an allocation becomes actions (DESIGN section 8).
+
+Policies propose; the guard enforces what must never happen: balloon targets
+below a guest's used memory plus a reserve, below its configured minimum or
+an absolute floor, above its maximum; the sum of targets above host memory;
+memory moving faster than a step limit (except growth for a starving guest);
+changes smaller than a dead-band; reclaiming from a VM that just appeared;
+a CPU weight (shares) or a net/disk cap below the VM's entitlement.
+
+Memory figures a host cannot corroborate (``Observation.confirmed`` false: a
+guest agent's claim) protect what the VM has but never raise its floor, and
+never earn the fast growth of a starving guest. A per-VM memory limit caps
+what a policy proposes; the floors, the first-sight rule and the step limit
+still apply, and where the floor is above the limit the floor wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rescoin.core.arrays import fillnan
+
+from rescoin.core.model import Allocation, Controls, Observation, Plan
+from rescoin.core.resources import CPU, DISK, MEMORY, NET
+
+SHARES_MIN, SHARES_MAX = 2.0, 262144.0
+BLKIO_MIN, BLKIO_MAX = 10.0, 1000.0
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    mem_floor_mib: float = 256.0  # absolute floor of any balloon target
+    mem_reserve_mib: float = 128.0  # headroom above used memory, at least ...
+    mem_reserve_frac: float = 0.10  # ... or this share of used memory
+    mem_step_frac: float = 0.10  # largest shrink per period, share of max memory
+    mem_grow_step_frac: float = 0.25  # largest growth above the entitlement per period (starving guests exempt)
+    mem_deadband_frac: float = 0.05  # skip changes smaller than this share of max memory ...
+    mem_deadband_mib: float = 64.0  # ... or this many MiB
+    mem_grow_deadband_frac: float = 0.01  # growth smaller than this share of max memory is skipped
+    starving_signal: float = 0.01  # memory pressure above this means starving
+    starving_used: float = 0.95  # or used memory at this share of the target
+    weight_deadband: float = 0.10  # relative change below which shares / blkio weight / caps stay
+    net_min_kibs: float = 64.0  # a net cap never goes below this
+
+    def check(self) -> None:
+        for name, value in self.__dict__.items():
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"guard.{name} = {value!r}: must be a finite number >= 0")
+        for name in ("mem_step_frac", "mem_grow_step_frac", "mem_deadband_frac", "mem_grow_deadband_frac", "mem_reserve_frac",
+                     "starving_used"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"guard.{name} = {getattr(self, name)}: must be a fraction in [0, 1]")
+
+
+def blkio_weights(disk: np.ndarray) -> np.ndarray:
+    """blkio weights proportional to the disk allocation, within the kernel's 10..1000.
+
+    The scale is the largest allocation rounded up to a power of two, so it
+    moves (and rewrites every weight) only when the largest VM doubles or halves.
+    """
+    top = np.nanmax(disk) if np.isfinite(disk).any() else np.nan
+    if not top > 0:
+        return np.full_like(disk, np.nan)
+    scale = 2.0 ** np.ceil(np.log2(top))
+    return np.clip(np.round(BLKIO_MAX * disk / scale), BLKIO_MIN, BLKIO_MAX)
+
+
+def _relative_change(new: np.ndarray, cur: np.ndarray, band: float) -> np.ndarray:
+    """Where a weight or cap should be rewritten: NaN-ness changed, or moved beyond the band."""
+    both = ~np.isnan(new) & ~np.isnan(cur)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = np.abs(new - cur) > band * np.maximum(np.abs(cur), 1e-9)
+    return np.where(both, moved, np.isnan(new) != np.isnan(cur))
+
+
+class Guard:
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        self.config = config or GuardConfig()
+        self.config.check()
+        self.warnings: list[str] = []
+        self._warned: dict[str, set[str]] = {}  # kind -> keys whose warning was given and still holds
+
+    def _once(self, kind: str, now: dict[str, str]) -> None:
+        """Warn for each key of ``kind`` when its condition starts, not every period while it lasts."""
+        before = self._warned.get(kind, set())
+        self.warnings += [msg for key, msg in now.items() if key not in before]
+        self._warned[kind] = set(now)
+
+    @staticmethod
+    def _memory_max(obs: Observation) -> np.ndarray:
+        """The most memory a VM can hold (its own maximum), even above a per-VM limit."""
+        size = obs.vms.sizes[:, MEMORY]
+        top = size if obs.vms.balloon_max is None else np.where(np.isnan(obs.vms.balloon_max), size,
+                                                                 obs.vms.balloon_max)
+        return fillnan(top, np.inf)
+
+    def memory_floor(self, obs: Observation) -> np.ndarray:
+        c = self.config
+        used = obs.usage[:, MEMORY]
+        cur = fillnan(obs.controls.balloon, 0.0)
+        reserve = np.maximum(c.mem_reserve_mib, c.mem_reserve_frac * used)
+        # unknown usage (no agent, no balloon stats): never reclaim below what the guest has now
+        need = np.where(np.isnan(used), cur, used + reserve)
+        if obs.confirmed is not None:  # a claim the host cannot back protects, but cannot raise, the floor
+            need = np.where(obs.confirmed, need, np.minimum(need, cur))
+        floor = np.maximum.reduce([np.full_like(cur, c.mem_floor_mib), obs.vms.min_memory, need])
+        return np.minimum(floor, self._memory_max(obs))
+
+    def _balloon(self, want: np.ndarray, obs: Observation, capacity: float, entitled: np.ndarray) -> np.ndarray:
+        c = self.config
+        size = self._memory_max(obs)
+        limit = fillnan(obs.vms.sizes[:, MEMORY], np.inf)  # a per-VM limit, else the same as size
+        cur = np.where(np.isnan(obs.controls.balloon), size, obs.controls.balloon)
+        want = np.minimum(np.where(np.isnan(want), cur, want), limit)
+        floor = self.memory_floor(obs)
+        ceiling = np.maximum(limit, floor)  # the floor protects the guest, even above its limit
+        self._once("limit", {u: f"VM {name}: its memory limit {lim:.0f} MiB is below its floor {f:.0f} MiB "
+                                "(use plus reserve, minimum or absolute floor): keeping the floor"
+                             for u, name, lim, f in zip(obs.vms.uuids, obs.vms.names, limit, floor)
+                             if lim < f - 0.5})
+        used = fillnan(obs.usage[:, MEMORY], 0.0)
+        sig = fillnan(obs.signal[:, MEMORY], 0.0)
+        starving = (sig > c.starving_signal) | (used >= c.starving_used * cur)
+        if obs.confirmed is not None:  # an unconfirmed claim of starving gets no fast growth
+            starving &= obs.confirmed
+
+        target = np.clip(want, floor, size)
+        target = np.where(obs.age == 0, np.maximum(target, np.minimum(cur, size)), target)
+        step = c.mem_step_frac * np.where(np.isfinite(size), size, cur)
+        target = np.maximum(target, np.minimum(cur - step, size))  # shrink at most one step
+        # growth is step-limited only above the entitlement and only for guests not starving
+        grow_step = c.mem_grow_step_frac * np.where(np.isfinite(size), size, cur)
+        free_up = np.maximum(cur + grow_step, np.maximum(floor, entitled))
+        target = np.where(starving, target, np.minimum(target, free_up))
+        # dead-band: shrinking is damped hard, growing (harmless to the guest) only lightly
+        scale = np.where(np.isfinite(size), size, cur)
+        band = np.where(target < cur, np.maximum(c.mem_deadband_mib, c.mem_deadband_frac * scale),
+                        np.maximum(c.mem_deadband_mib, c.mem_grow_deadband_frac * scale))
+        grow_back = (target > cur) & (cur < entitled * (1.0 - 1e-3))  # growth back to the entitlement always goes
+        keep = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= ceiling) & ~grow_back
+        held = np.where(keep, np.maximum(cur - target, 0.0), 0.0)  # memory the dead-band keeps in place
+        target = np.where(keep, cur, target)
+
+        fits = not np.isfinite(capacity) or target.sum() <= capacity
+        if not fits:
+            target = self._fit_memory(target, cur, floor, starving, entitled, capacity, held)
+            # after fitting, skip what became small changes, as long as host memory still holds
+            small = (np.abs(target - cur) < band) & (cur >= floor) & (cur <= ceiling)
+            lower = small & (cur <= target) & ~grow_back  # keeping a lower target never breaks the sum
+            target = np.where(lower, cur, target)
+            higher = small & (cur > target)
+            if np.where(higher, cur, target).sum() <= capacity:
+                target = np.where(higher, cur, target)
+        over = not fits and target.sum() > capacity + 1e-6
+        self._once("floors", {"host": f"memory floors need {floor.sum():.0f} MiB but the host has {capacity:.0f} MiB "
+                                      "after its reserve: holding memory growth; lower per-VM minimums or run "
+                                      "fewer VMs"} if over else {})
+        if over:
+            target = self._hold_growth(target, cur, capacity)
+        return target
+
+    @staticmethod
+    def _hold_growth(target: np.ndarray, cur: np.ndarray, capacity: float) -> np.ndarray:
+        """Scale growth into what is left of host memory (none left: hold it); shrinking goes on.
+
+        Used when the floors alone exceed host memory: a target that grows would
+        push the host past its reserve, so only the room left under it is given.
+        """
+        base = np.minimum(target, cur)
+        growth = target - base
+        room = capacity - base.sum()
+        if growth.sum() <= 0 or room <= 0:
+            return base
+        return base + growth * min(1.0, room / growth.sum())
+
+    def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray, starving: np.ndarray,
+                    entitled: np.ndarray, capacity: float, held: np.ndarray) -> np.ndarray:
+        """Bring the sum of targets down to host memory, in order of harm.
+
+        First memory that only the dead-band kept in place, then what lies
+        above each guest's entitlement, then what lies below it: each time growth of guests that are not starving, then their spare
+        memory (faster than the step limit if a starving guest needs it), then
+        the same of starving guests. Floors are never crossed.
+        """
+        # what is protected: the floor, and up to the entitlement what the guest is given
+        keep = np.maximum(floor, np.minimum(target, entitled))
+
+        def pieces(t: np.ndarray) -> list[np.ndarray]:
+            """What may be taken, most harmless first, from the targets as they stand now."""
+            growth = np.maximum(t - np.maximum(cur, keep), 0.0)
+            spare = np.maximum(np.minimum(t, cur) - keep, 0.0)
+            growth_in = np.maximum(np.minimum(t, keep) - np.maximum(cur, floor), 0.0)
+            spare_in = np.maximum(np.minimum(np.minimum(t, cur), keep) - floor, 0.0)
+            out = [np.minimum(held, np.maximum(t - floor, 0.0))]
+            for part in (growth, spare, growth_in, spare_in):
+                out += [np.where(starving, 0.0, part), np.where(starving, part, 0.0)]
+            return out
+
+        for stage in range(9):
+            over = target.sum() - capacity
+            if over <= 1e-6:
+                break
+            take = pieces(target)[stage]
+            if take.sum() > 0:
+                target = target - take * min(1.0, over / take.sum())
+        return target
+
+    def plan(self, alloc: Allocation, obs: Observation, capacity: np.ndarray,
+             entitlement: np.ndarray | None = None) -> Plan:
+        """Turn an allocation into safe control values and the set that changed."""
+        c = self.config
+        cur = obs.controls
+        amount = alloc.amount
+        caps = alloc.caps if alloc.caps.size else np.zeros(amount.shape[1], dtype=bool)
+        n = obs.n
+        new = cur.copy()
+        changed: dict[str, np.ndarray] = {}
+
+        cpu = amount[:, CPU]
+        # shares are relative weights: one below the VM's entitlement would let others'
+        # larger weights push it under min(demand, entitlement) when the host is busy
+        weight = cpu if entitlement is None else np.maximum(cpu, fillnan(entitlement[:, CPU], 0.0))
+        shares = np.clip(np.round(weight * 1024.0), SHARES_MIN, SHARES_MAX)
+        new.shares = np.where(np.isnan(cpu), cur.shares, shares)
+        changed["shares"] = ~np.isnan(cpu) & _relative_change(new.shares, cur.shares, c.weight_deadband)
+        new.shares = np.where(changed["shares"], new.shares, cur.shares)
+
+        quota = np.where(caps[CPU], np.maximum(cpu, 0.01), np.nan)
+        quota = np.minimum(quota, obs.vms.vcpus)
+        new.quota = np.where(np.isnan(cpu), cur.quota, quota)
+        changed["quota"] = _relative_change(new.quota, cur.quota, c.weight_deadband)
+        new.quota = np.where(changed["quota"], new.quota, cur.quota)
+
+        mem = amount[:, MEMORY]
+        if np.isnan(mem).all():
+            changed["balloon"] = np.zeros(n, dtype=bool)
+        else:
+            entitled = np.zeros(n) if entitlement is None else fillnan(entitlement[:, MEMORY], 0.0)
+            new.balloon = self._balloon(mem, obs, float(capacity[MEMORY]), entitled)
+            cur_b = np.where(np.isnan(cur.balloon), np.inf, cur.balloon)
+            changed["balloon"] = np.abs(new.balloon - cur_b) > 0.5
+            new.balloon = np.where(changed["balloon"], new.balloon, cur.balloon)
+
+        disk_w = amount[:, DISK] if entitlement is None else np.maximum(amount[:, DISK],
+                                                                         fillnan(entitlement[:, DISK], 0.0))
+        blkio = blkio_weights(disk_w)  # relative weights too: never below the entitlement's
+        new.blkio = np.where(np.isnan(blkio), cur.blkio, blkio)
+        changed["blkio"] = ~np.isnan(blkio) & _relative_change(new.blkio, cur.blkio, c.weight_deadband)
+        new.blkio = np.where(changed["blkio"], new.blkio, cur.blkio)
+
+        disk = amount[:, DISK]
+        floor_disk = 1.0 if entitlement is None else np.maximum(1.0, fillnan(entitlement[:, DISK]))
+        diskcap = np.where(caps[DISK], np.maximum(disk, floor_disk), np.nan)
+        new.diskcap = np.where(np.isnan(disk), cur.diskcap, diskcap)
+        changed["diskcap"] = _relative_change(new.diskcap, cur.diskcap, c.weight_deadband)
+        new.diskcap = np.where(changed["diskcap"], new.diskcap, cur.diskcap)
+
+        net = amount[:, NET]
+        # a cap throttles hogs; it never holds a VM below its entitlement
+        floor_net = c.net_min_kibs if entitlement is None else np.maximum(c.net_min_kibs, fillnan(entitlement[:, NET]))
+        netcap = np.where(caps[NET], np.maximum(net, floor_net), np.nan)
+        new.netcap = np.where(np.isnan(net), cur.netcap, netcap)
+        changed["netcap"] = _relative_change(new.netcap, cur.netcap, c.weight_deadband)
+        new.netcap = np.where(changed["netcap"], new.netcap, cur.netcap)
+
+        if alloc.pins is not None and alloc.pins.shape == cur.pins.shape:
+            new.pins = alloc.pins.astype(np.intp)
+            new.pin_width = alloc.pin_width
+            changed["pin"] = (new.pins != cur.pins) | (new.pin_width != cur.pin_width)
+        else:
+            changed["pin"] = np.zeros(cur.pins.shape, dtype=bool)
+        return Plan(controls=new, changed=changed, vms=obs.vms)
+
+
+__all__ = ["Guard", "GuardConfig", "Controls"]

@@ -1,0 +1,1 @@
+"""Offline work: trace loaders, simulation, evaluation, analysis, fitting, history CSV files."""

@@ -1,0 +1,347 @@
+"""The scheduler daemon: the control loop plus everything an operator needs around it.
+
+- history CSV each period, daemon state saved atomically each period (a
+  restart or a crash resumes credits and history; ``rescoin.ops.state``), each
+  path locked so a second daemon on the same paths is refused; a history
+  write error is said once and retried, never the end of the daemon;
+- SIGTERM/SIGINT stop after the current period (flushing everything, and with
+  ``restore_on_exit`` putting back every VM's original settings); SIGHUP
+  reloads the configuration without losing history or credits;
+- a root-only UNIX socket for ``rescoin status`` and an opt-in Prometheus
+  endpoint.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import replace
+from fnmatch import fnmatch
+
+from rescoin import __version__
+from rescoin.ops.config import RESTART_NEEDED, Config, ConfigError, DaemonConfig, agent_key, changed_keys, load, unmatched_vm_entries
+from rescoin.core.guard import Guard
+from rescoin.hosts.dryrun import DryRunHost
+from rescoin.core.history import History
+from rescoin.offline.historycsv import HistoryWriter
+from rescoin.hosts.restore import RESTORE_TIMEOUT
+from rescoin.core.loop import ControlLoop, HostUnavailableError, Step, run_daemon
+from rescoin.ops.paths import PathLock
+from rescoin.core.policies import make_policy
+from rescoin.core.predict import load_model
+from rescoin.core.resources import MEMORY
+from rescoin.ops.state import Saved, StateFile
+
+log = logging.getLogger("rescoin.ops.daemon")
+
+
+# -- the host -------------------------------------------------------------------------------
+def build_host(cfg: Config, sim: dict | None = None):
+    """The Host for ``cfg.daemon.uri``: a simulated one (sim:TRACE_DIR) or libvirt."""
+    uri = cfg.daemon.uri
+    if uri.startswith("sim:"):
+        from rescoin.hosts.sim import SimHost
+        from rescoin.offline.traces import load_trace, sample_trace_path
+
+        sim = sim or {}
+        trace = load_trace(uri[4:] or sample_trace_path(), vms=sim.get("vms"), vm_offset=sim.get("vm_offset", 0),
+                           days=sim.get("days"),
+                           start_day=sim.get("start_day", 0.0))
+        return SimHost(trace, overcommit=sim.get("overcommit", 1.5))
+    from rescoin.hosts.libvirt import LibvirtHost
+
+    host = LibvirtHost(uri, settings=_host_settings(cfg), agents=_agents(cfg), managed=_managed(cfg),
+                       actuator=_actuator(cfg), vm_config=cfg.for_vm)
+    if cfg.host.memory_mib > 0:
+        host.memory_limit_mib = cfg.host.memory_mib
+    host.tcp_agents = dict(cfg.agent.tcp)
+    return host
+
+
+# -- what a libvirt host takes from the configuration: built alike at start and on reload ----------------
+def _host_settings(cfg: Config):
+    from rescoin.hosts.libvirt import HostSettings
+
+    h = cfg.host
+    return HostSettings(reserve_mib=h.reserve_mib, reserve_cores=h.reserve_cores, disk_kibs=h.disk_kibs,
+                        net_kibs=h.net_kibs, stats_period=h.stats_period, memtune_soft_limit=h.memtune_soft_limit)
+
+
+def _agents(cfg: Config):
+    from rescoin.hosts.agent import AgentClient
+
+    return AgentClient(timeout=cfg.agent.timeout, key=agent_key(cfg))
+
+
+def _actuator(cfg: Config):
+    if cfg.host.actuator == "cgroup":
+        from rescoin.hosts.cgroupfs import CgroupActuator
+
+        return CgroupActuator()
+    return None  # the host's default: through libvirt
+
+
+def _managed(cfg: Config):
+    pattern = cfg.daemon.vm_filter
+    return lambda _uuid, name: fnmatch(name, pattern)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | None = None, sim: dict | None = None,
+                 speed: float = 1.0, dry_run_host=None, overrides=None) -> None:
+        self.cfg = cfg
+        self.overrides = overrides or (lambda c: c)  # command-line options, kept across reloads
+        self.config_path = config_path
+        self.speed = speed
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.host = build_host(cfg, sim)
+        self.dry_run_host = dry_run_host or DryRunHost  # put on and taken off by reloads of daemon.dry_run
+        self.host = self._host_for(cfg.daemon.dry_run)
+        self.applied_once = not cfg.daemon.dry_run  # only a daemon that changed VMs restores them on exit
+        self.restore_timeout = RESTORE_TIMEOUT  # --restore-on-exit retries a hypervisor that does not answer
+        self.state: StateFile | None = None
+        self.writer: HistoryWriter | None = None
+        self.status = None
+        self.metrics = None
+        self._history_lock: PathLock | None = None
+        try:
+            saved = self._open_paths(cfg.daemon, window=60)
+            self.history = saved.history
+            self.loop = self._make_loop(cfg, self.history)
+            self._serve_metrics(cfg)  # now, so a bad or busy address is reported before the daemon starts
+        except BaseException:
+            self._close_paths()  # nothing is left locked or bound by a daemon that did not start
+            raise
+        inner = getattr(self.host, "host", self.host)
+        if hasattr(inner, "saved_originals"):
+            inner.saved_originals = saved.originals
+            inner.pending_restore = saved.unrestored
+            inner.restore_at_start = not cfg.daemon.dry_run  # a dry run changes nothing, not even that
+        self.last_step: Step | None = None
+        self.periods = 0
+        self._vm_entries_checked = False
+
+    def _open_paths(self, d: DaemonConfig, window: int) -> Saved:
+        """State file, history directory and status socket, each checked and locked; PathError if unusable.
+
+        Every path is checked before the state is loaded, so a bad one is the only line printed.
+        """
+        if d.state_file:
+            self.state = StateFile(d.state_file).open()
+        if d.history_dir:
+            self.writer = HistoryWriter(d.history_dir, self.host.capacity.name)
+            self._history_lock = PathLock(self.writer.dir / "rescoin.lock", self.writer.dir).acquire()
+        if d.status_socket:
+            from rescoin.ops.status import StatusServer
+
+            self.status = StatusServer(d.status_socket)
+            self.status.start()
+        return self.state.load(window) if self.state is not None else Saved(History(window))
+
+    def _close_paths(self) -> None:
+        """Stop serving status and release every lock; the files stay as they are."""
+        if self.status is not None:
+            self.status.close()
+        if self._history_lock is not None:
+            self._history_lock.release()
+        if self.state is not None:
+            self.state.close()
+
+    @property
+    def period(self) -> float:
+        trace_period = getattr(getattr(self.host, "host", self.host), "period", None)
+        return float(trace_period) if self.cfg.daemon.uri.startswith("sim:") and trace_period else self.cfg.daemon.period
+
+    def _make_loop(self, cfg: Config, history: History, host=None) -> ControlLoop:
+        try:
+            policy = make_policy(cfg.daemon.policy)
+            predictor = load_model(cfg.daemon.model) if cfg.daemon.model else "auto"
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return ControlLoop(host or self.host, policy, predictor=predictor, guard=Guard(cfg.guard), history=history,
+                           period=cfg.daemon.period)
+
+    # -- signals ------------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
+
+    def reload(self) -> None:
+        """Re-read the configuration and apply every setting that can change live.
+
+        History, credits and the host connection stay. The options in
+        ``RESTART_NEEDED`` keep their running values and are named in the log
+        line; a bad file (or a key file, model or reserve that cannot be used)
+        is refused whole and the running configuration stays.
+        """
+        self.reload_event.clear()
+        try:
+            new = self.overrides(load(self.config_path))
+            changed = changed_keys(self.cfg, new)
+            restart = [k for k in changed if k in RESTART_NEEDED]  # all of them daemon.*
+            kept = {k.removeprefix("daemon."): getattr(self.cfg.daemon, k.removeprefix("daemon.")) for k in restart}
+            new = replace(new, daemon=replace(new.daemon, **kept))
+            host = self._host_for(new.daemon.dry_run)
+            loop = self._make_loop(new, self.history, host)
+            self._reconfigure_host(new)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        except HostUnavailableError as e:  # the new reserve cannot be checked now: try again next period
+            log.warning("reload postponed, keeping the running configuration: %s", e)
+            self.reload_event.set()
+            return
+        if not self._serve_metrics(new, starting=False):
+            new = replace(new, metrics=self.cfg.metrics)
+        if host is not self.host:
+            log.warning("dry run %s: actions are %s from now on", "on" if new.daemon.dry_run else "off",
+                        "planned, not applied" if new.daemon.dry_run else "applied")
+        self.cfg, self.host, self.loop = new, host, loop
+        self.applied_once |= not new.daemon.dry_run
+        if hasattr(self._inner_host, "restore_at_start"):
+            self._inner_host.restore_at_start = not new.daemon.dry_run  # pending restores wait for a live run
+        self._vm_entries_checked = False  # new [vm] entries: checked against the VMs at the next period
+        applied = [k for k in changed if k not in restart]
+        log.info("configuration reloaded from %s (policy %s, period %g s%s)%s", self.config_path,
+                 new.daemon.policy, new.daemon.period, f"; changed: {', '.join(applied)}" if applied else "",
+                 f"; restart needed for: {', '.join(restart)}" if restart else "")
+
+    @property
+    def _inner_host(self):
+        """The real host, under the dry-run wrapper when there is one."""
+        return self.host.host if isinstance(self.host, DryRunHost) else self.host
+
+    def _host_for(self, dry_run: bool):
+        """The host the loop drives: the real one, or the real one wrapped so that nothing is applied."""
+        if not dry_run:
+            return self._inner_host
+        return self.host if isinstance(self.host, DryRunHost) else self.dry_run_host(self.host)
+
+    def _reconfigure_host(self, cfg: Config) -> None:
+        """Hand ``[host]``, ``[agent]``, ``vm_filter`` and the per-VM settings to a libvirt host; all or nothing."""
+        inner = self._inner_host
+        if not hasattr(inner, "reconfigure"):
+            return  # a simulated host takes none of these
+        old = self.cfg
+        agents = _agents(cfg) if (cfg.agent.timeout, cfg.agent.key_file) != (old.agent.timeout,
+                                                                             old.agent.key_file) else inner.agents
+        settings, limit = inner.settings, inner.memory_limit_mib
+        inner.reconfigure(_host_settings(cfg), cfg.host.memory_mib if cfg.host.memory_mib > 0 else None)
+        try:
+            self.check_capacity(cfg)
+        except BaseException:
+            inner.reconfigure(settings, limit)
+            raise
+        if cfg.host.actuator != old.host.actuator:
+            from rescoin.hosts.actuators import LibvirtActuator
+
+            inner.actuator = _actuator(cfg) or LibvirtActuator()
+        inner.agents, inner.tcp_agents = agents, dict(cfg.agent.tcp)
+        inner.vm_config, inner.managed = cfg.for_vm, _managed(cfg)
+
+    def check_capacity(self, cfg: Config | None = None) -> None:
+        """Connect and refuse host settings that leave the guests nothing (a reserve above the host's size)."""
+        cfg = cfg or self.cfg
+        cap = self.host.capacity  # connects: a wrong URI raises here
+        if not hasattr(self._inner_host, "reconfigure"):
+            return
+        if not cap.capacity[MEMORY] > 0:
+            raise ConfigError(f"host.reserve_mib = {cfg.host.reserve_mib:g} leaves no memory for the guests: "
+                              f"it must be below the host's memory")
+        if cfg.host.reserve_cores >= cap.pcpus:
+            raise ConfigError(f"host.reserve_cores = {cfg.host.reserve_cores:g} leaves no CPU for the guests: "
+                              f"the host has {cap.pcpus}")
+
+    def _serve_metrics(self, cfg: Config, starting: bool = True) -> bool:
+        """Start, move or stop the metrics endpoint for ``cfg``; at start a failure raises, on reload it is logged."""
+        m = cfg.metrics
+        try:
+            if m.enabled and self.metrics is None:
+                from rescoin.ops.metrics import Metrics
+
+                self.metrics = Metrics(m.listen)
+            elif m.enabled:
+                self.metrics.serve(m.listen)
+            elif self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+        except ConfigError as e:
+            if starting:
+                raise
+            log.error("metrics endpoint unchanged: %s", e)
+            return False
+        return True
+
+    def _warn_unmatched_vm_entries(self, step: Step) -> None:
+        """Once per configuration: name the ``[vm."KEY"]`` entries that match no VM the host knows."""
+        self._vm_entries_checked = True
+        inner = self._inner_host
+        ids = list(zip(step.obs.vms.uuids.tolist(), step.obs.vms.names.tolist()))
+        if hasattr(inner, "domain_ids"):
+            ids += inner.domain_ids()
+        for key in unmatched_vm_entries(self.cfg, ids):
+            log.warning('[vm."%s"] in %s matches no VM on %s (neither a name nor a UUID); check the spelling',
+                        key, self.config_path or "the configuration", self.cfg.daemon.uri)
+
+    # -- one period -------------------------------------------------------------------------------
+    def step(self) -> Step | None:
+        """One control step, after a pending reload (so the new configuration applies at once)."""
+        if self.reload_event.is_set():
+            self.reload()
+        step = self.loop.step()
+        if step is not None and not self._vm_entries_checked:
+            self._warn_unmatched_vm_entries(step)
+        return step
+
+    def _after_step(self, step: Step) -> None:
+        self.last_step = step
+        self.periods += 1
+        if self.writer is not None:
+            self.writer.try_write(step, self.history)  # a full disk is said once; the loop goes on
+        self._save_state()
+        if self.status is not None:
+            self.status.publish(self, step)
+        if self.metrics is not None:
+            self.metrics.update(self, step)
+        failed = sum(step.result.failed.values())
+        log.info("period %d: %d VMs, %d actions%s, %.1f ms", self.history.t, step.obs.n, step.result.total,
+                 f", {failed} failed" if failed else "", step.seconds * 1e3)
+
+    def run(self, max_periods: int | None = None) -> int:
+        d = self.cfg.daemon
+        if hasattr(self.host, "start_events"):
+            self.host.start_events()
+        log.info("rescoin %s: policy %s on %s, period %.0f s", __version__, d.policy, d.uri, self.period)
+        try:
+            run_daemon(self, lambda: self.period, self.stop_event, self._after_step,
+                       speed=self.speed, max_steps=max_periods)
+        finally:
+            self.close()
+        log.info("stopped after %d periods", self.periods)
+        return 0
+
+    def _save_state(self) -> None:
+        if self.state is not None:
+            try:
+                self.state.save(self.history, getattr(self.host, "host", self.host))
+            except OSError as e:
+                log.warning("could not save state to %s: %s", self.state.path, e)
+
+    def close(self) -> None:
+        """Flush history, restore the VMs if asked, save the state, release the paths. Never raises."""
+        if self.writer is not None:
+            self.writer.close()
+        inner = self._inner_host
+        pending = set(getattr(inner, "pending_restore", ()))
+        if self.cfg.daemon.restore_on_exit and self.applied_once and hasattr(inner, "restore"):
+            try:
+                log.info("restored the original settings of %d VMs", inner.restore(timeout=self.restore_timeout))
+            except Exception:  # noqa: BLE001 - the state must still be saved
+                log.exception("restoring the VMs' original settings failed")
+        if self.periods or pending != set(getattr(inner, "pending_restore", ())):
+            self._save_state()  # after restore: what it could not restore is saved for the next start
+        self._close_paths()
+        if self.metrics is not None:
+            self.metrics.close()
