@@ -57,3 +57,18 @@ def test_start_that_fails_at_once_says_why(tmp_path):
     assert r.returncode == 1
     assert "no such configuration file" in r.stderr
     assert not (tmp_path / "rescoin.pid").exists()
+
+
+def test_a_slow_start_that_fails_is_not_reported_as_started(tmp_path):
+    """A loaded host can take over a second to import rescoin: the failure must still be seen."""
+    slow = tmp_path / "slow-rescoin"
+    slow.write_text(f"#!/bin/sh\nsleep 2\nexec {Path(sys.executable).parent / 'rescoin'} \"$@\"\n")
+    slow.chmod(0o755)
+    (tmp_path / "rescoin.log").write_text("an older run: rescoin 0.0: policy x on y, period 5 s\n")
+    env = dict(os.environ, RESCOIN_PIDFILE=str(tmp_path / "rescoin.pid"), RESCOIN_LOG=str(tmp_path / "rescoin.log"),
+               RESCOIN_BIN=str(slow))
+    r = run(env, "start", "--", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 1, r.stdout
+    assert "no such configuration file" in r.stderr
+    assert "an older run" not in r.stderr
+    assert not (tmp_path / "rescoin.pid").exists()
