@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup host demo test unit e2e bench clean
+.PHONY: all setup host demo test unit lint e2e bench clean
 
 all: test
 
@@ -30,6 +30,11 @@ test: $(STAMP) host
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# ruff (rules and line length in pyproject.toml) and mypy (strict on rescoin/core); fails on any finding
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 e2e: $(STAMP) host
 	$(BIN)/python -m pytest -q -m e2e tests

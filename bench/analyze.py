@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rescoin.offline.historycsv import HistoryWriter
-from rescoin.hosts.sim import SimHost
 from rescoin.core.loop import ControlLoop, run_daemon
 from rescoin.core.policies import make_policy
 from rescoin.core.resources import N_RES
+from rescoin.hosts.sim import SimHost
+from rescoin.offline.historycsv import HistoryWriter
 from rescoin.offline.traces import Trace
 
 PERIOD = 300.0

@@ -11,8 +11,8 @@ import json
 import time
 
 import numpy as np
-
 from common import load, scaled
+
 from rescoin.offline.simulate import SimSettings, build_loop
 
 

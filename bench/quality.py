@@ -12,6 +12,7 @@ import argparse
 import json
 
 from common import load
+
 from rescoin.core.policies import POLICIES
 from rescoin.offline.simulate import SimSettings, simulate
 
@@ -36,8 +37,10 @@ def judge(res: dict) -> dict[str, bool]:
         checks["mem worst_off >= every peer"] = all(m["worst_off"] >= p[k]["memory"]["worst_off"] for k in peers)
         checks["balloon changes <= 4 per VM-hour"] = m["actuations_per_vm_hour"] <= 4
     checks["cpu satisfaction >= 0.99 oracle"] = c["satisfaction"] >= 0.99 * orc["cpu"]["satisfaction"]
-    checks["cpu: no peer above by > 0.005"] = all(p[k]["cpu"]["satisfaction"] <= c["satisfaction"] + 0.005 for k in peers)
-    checks["cpu worst_off within 0.01 of every peer"] = all(c["worst_off"] >= p[k]["cpu"]["worst_off"] - 0.01 for k in peers)
+    checks["cpu: no peer above by > 0.005"] = all(
+        p[k]["cpu"]["satisfaction"] <= c["satisfaction"] + 0.005 for k in peers)
+    checks["cpu worst_off within 0.01 of every peer"] = all(
+        c["worst_off"] >= p[k]["cpu"]["worst_off"] - 0.01 for k in peers)
     checks["zero breaches"] = all((me[r]["breaches"] or 0) == 0 for r in ("cpu", "memory", "disk", "net"))
     checks["pin changes <= 2 per VM-hour"] = me["pin_changes_per_vm_hour"] <= 2
     return checks

@@ -11,6 +11,7 @@ import statistics
 import time
 
 from common import load
+
 from rescoin.core.policies import POLICIES
 from rescoin.offline.simulate import SimSettings, run_policy
 
