@@ -25,12 +25,12 @@ from rescoin.core.arrays import fillnan
 from rescoin.core.model import ACTION_KINDS, Controls, Observation, Plan, VMSet
 from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
 from rescoin.core.sharing import water_fill, water_fill_columns
-from rescoin.hosts.base import ApplyResult
+from rescoin.hosts.base import ApplyResult, HostBase
 
 NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
 
 
-class SimHost:
+class SimHost(HostBase):
     def __init__(
         self,
         trace,

@@ -20,7 +20,8 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from rescoin.hosts.agent import AgentClient  # noqa: E402
 from rescoin.core.guard import Guard  # noqa: E402
-from rescoin.hosts.libvirt import HostSettings, HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
+from rescoin.hosts.config import HostConfig  # noqa: E402
+from rescoin.hosts.libvirt import HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
 from rescoin.core.loop import ControlLoop  # noqa: E402
 from rescoin.core.model import Allocation  # noqa: E402
 from rescoin.core.policies import make_policy  # noqa: E402
@@ -32,7 +33,7 @@ EXTRA = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memor
 
 @pytest.fixture
 def host():
-    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0))
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0))
     yield h
     h.close()
 
@@ -50,7 +51,7 @@ def test_observe_reads_identity_sizes_and_capacity(host):
     assert obs.vms.sizes[0, 0] == 2 and obs.vms.sizes[0, 1] == 8192
     info = host.lv.connect().getInfo()
     assert obs.host.pcpus == info[2]
-    assert obs.host.capacity[1] == info[1] - host.settings.reserve_mib
+    assert obs.host.capacity[1] == info[1] - host.config.reserve_mib
     assert obs.age.tolist() == [0]
 
 
@@ -110,7 +111,7 @@ def test_pin_then_float_again_is_applied_and_read_back(host):
     maps = apply_pins([1, -1], width)  # vCPU 1 floats again: every pCPU allowed
     assert tuple(maps[0]) == _cpumap(len(maps[0]), width, width) and all(maps[1])
     # a new host adopting the VM reads the sets back as set indexes, floating as -1
-    again = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0))
+    again = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0))
     again.lv = host.lv  # the test driver keeps state per connection
     ctl = again.observe().controls
     assert ctl.pins.tolist() == [1, -1] and ctl.pin_width == width
@@ -200,7 +201,7 @@ def test_dry_run_host_applies_nothing(host, capsys):
 def test_disk_cap_and_memtune_soft_limit_reach_libvirt():
     from rescoin.core.model import Allocation as A
 
-    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0, memtune_soft_limit=True))
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0, memtune_soft_limit=True))
     obs = h.observe()
     alloc = np.full((1, 4), np.nan)
     alloc[0, 1] = 2600.0
@@ -275,7 +276,7 @@ def agent_vm():
     made = []
 
     def make(mem: dict, key: bytes | None = None) -> LibvirtHost:
-        h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0),
+        h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0),
                         agents=AgentClient(timeout=1.0, key=key))
         path = tmp / "ag.sock"
         h.lv.connect().defineXML(AGENT_VM.format(name="ag", path=path)).create()
@@ -324,7 +325,7 @@ def test_per_vm_max_memory_below_use_keeps_the_floor(caplog):
 
     # 64 MiB limit for a guest holding 2048 MiB whose use the host cannot see: nothing is reclaimed
     cfg = parse("[vm.test]\nmax_memory_mib = 64\n")
-    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0), vm_config=cfg.for_vm)
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0), vm_config=cfg.for_vm)
     loop = ControlLoop(h, make_policy("rescoin"), period=1.0)
     dom = h.lv.connect().lookupByName("test")
     before = dom.info()[2]
