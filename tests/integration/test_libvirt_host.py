@@ -336,3 +336,71 @@ def test_per_vm_max_memory_below_use_keeps_the_floor(caplog):
             assert dom.info()[2] == before, "a target under the floor reached libvirt"
     assert sum("memory limit 64 MiB is below its floor" in r.message for r in caplog.records) == 1
     h.close()
+
+
+class RecordingActuator:
+    """LibvirtActuator's calls, each recorded as (call, VM, arguments) when made."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        from rescoin.hosts.actuators import LibvirtActuator
+
+        self.real, self.made = LibvirtActuator(), []
+
+    def _wrap(self, call, vm: str):
+        what, fn, args = call
+
+        def run(*a):
+            self.made.append((what, vm, a))
+            return fn(*a)
+
+        return what, run, args
+
+    def cpu(self, state, dom, shares, quota):
+        return self._wrap(self.real.cpu(state, dom, shares, quota), state.name)
+
+    def blkio(self, state, dom, weight):
+        return self._wrap(self.real.blkio(state, dom, weight), state.name)
+
+    def pin(self, state, dom, vcpu, cpumap):
+        return self._wrap(self.real.pin(state, dom, vcpu, cpumap), state.name)
+
+
+def test_restore_goes_through_the_hosts_actuator():
+    act = RecordingActuator()
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0), actuator=act)
+    try:
+        dom = h.lv.connect().lookupByName("test")
+        dom.setBlkioParameters({"weight": 500}, 0)
+        before = (dom.blkioParameters()["weight"], [tuple(p) for p in dom.vcpuPinInfo(0)])
+        ControlLoop(h, make_policy("rescoin"), period=1.0).step()
+        assert dom.blkioParameters()["weight"] != 500
+        act.made.clear()
+        assert h.restore() == 1
+        made = [(what, vm) for what, vm, _ in act.made]
+        assert ("setSchedulerParameters", "test") in made and ("setBlkioParameters", "test") in made
+        assert made.count(("pinVcpuFlags", "test")) == len(before[1])  # one per vCPU, as found
+        blkio_args = next(a for what, _, a in act.made if what == "setBlkioParameters")
+        assert blkio_args[0] == {"weight": 500}
+        assert (dom.blkioParameters()["weight"], [tuple(p) for p in dom.vcpuPinInfo(0)]) == before
+    finally:
+        h.close()
+
+
+def test_observation_and_apply_result_carry_health_and_failed_calls(host):
+    dom = add_vm(host, "short-lived")
+    obs = host.observe()
+    assert obs.health == ["no agent", "no agent"]
+    assert obs.call_errors == {"setMemoryStatsPeriod": 1}  # the extra VM has no balloon device
+    dom.destroy()  # gone between observe and apply
+    dom.undefine()
+    i = obs.vms.names.tolist().index("short-lived")
+    plan = Guard().plan(Allocation(np.full((2, 4), np.nan), caps=np.zeros(4, dtype=bool)), obs, obs.host.capacity)
+    plan.changed["blkio"][i], plan.controls.blkio[i] = True, 300.0  # one action, on the vanished VM
+    res = host.apply(plan)
+    uuid = obs.vms.uuids[i]
+    assert res.actions[uuid] == [("blkio", False)] and res.actions[obs.vms.uuids[1 - i]] == []
+    assert res.call_errors == {"setBlkioParameters": 1}
+    assert host.apply(plan).call_errors == {"setBlkioParameters": 1}  # each result: its own calls only
+    assert host.observe().call_errors == {}
