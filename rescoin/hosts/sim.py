@@ -79,7 +79,7 @@ class SimHost(HostBase):
         self.presence = np.asarray(presence, bool)
         if self.presence.shape != (self.periods, n):
             raise ValueError(f"presence must be {(self.periods, n)}, got {self.presence.shape}")
-        self.start = float(getattr(trace, "start", 0.0))
+        self.t0 = float(getattr(trace, "start", 0.0))  # (``start`` is the Host protocol's)
         self.period = float(getattr(trace, "period", 300.0))
         self.controls = Controls.defaults(self.all_vms)
         self._vstart = np.r_[0, np.cumsum(self.all_vms.vcpus)[:-1]]
@@ -188,7 +188,7 @@ class SimHost(HostBase):
         nxt = self.demand[t + 1, rows] if t + 1 < self.periods else demand
         self.t += 1
         return Observation(
-            ts=self.start + t * self.period,
+            ts=self.t0 + t * self.period,
             interval=self.period,
             host=self._capacity,
             vms=vms,

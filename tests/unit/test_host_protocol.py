@@ -67,8 +67,9 @@ def test_daemon_runs_reloads_reports_and_stops_on_a_host_with_only_the_protocol(
     path.write_text(text)
     d.reload()
     assert d.host is host
-    d._after_step(d.step())
-    d.close()  # restore_on_exit on a host with nothing to put back
+    d.speed = 1e6
+    assert d.run(max_periods=2) == 0  # start(), two periods, then close(): restore_on_exit with nothing to put back
+    assert d.periods == 4
     with np.load(tmp_path / "state.npz") as data:
         assert json.loads(str(data["originals"])) == {} and json.loads(str(data["unrestored"])) == []
 
