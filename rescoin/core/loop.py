@@ -15,7 +15,7 @@ import numpy as np
 
 from rescoin.core.guard import Guard
 from rescoin.core.history import History
-from rescoin.hosts.base import ApplyResult, Host
+from rescoin.hosts.base import ApplyResult, Host, HostUnavailableError
 from rescoin.core.model import Allocation, Forecast, Observation, Plan
 from rescoin.core.placement import make_placement, placement_load
 from rescoin.core.policies import Policy, PolicyInput, entitlement
@@ -23,9 +23,7 @@ from rescoin.core.predict import Predictor, make_predictor
 
 log = logging.getLogger("rescoin.core.loop")
 
-
-class HostUnavailableError(RuntimeError):
-    """Raised by a host that cannot be reached this period; the daemon waits and retries."""
+__all__ = ["ControlLoop", "HostUnavailableError", "Step", "Steppable", "run_daemon"]
 
 
 @dataclass

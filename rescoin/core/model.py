@@ -118,6 +118,9 @@ class Observation:
     confirmed: np.ndarray | None = None
     truth: np.ndarray | None = None  # (n, N_RES) true demand of this period: SimHost only, for metrics
     truth_next: np.ndarray | None = None  # (n, N_RES) true demand of the next period: for the oracle only
+    # (n,) the guest agent per VM: "ok", "no agent" or why its data was refused; None = no agents (simulated)
+    health: list[str] | None = None
+    call_errors: dict[str, int] = field(default_factory=dict)  # hypervisor calls that failed while observing
 
     @property
     def n(self) -> int:

@@ -1,7 +1,7 @@
 """How CPU, blkio and pinning actions reach a VM: through libvirt, or its cgroups directly.
 
-An actuator only says which call to make; ``LibvirtHost.apply`` runs every
-call through its one error helper and records the result. Balloon targets
+An actuator only says which call to make; ``LibvirtHost`` runs every call
+(of ``apply`` and of ``restore``) through its one error helper and records the result. Balloon targets
 and interface caps are guest/device operations and always go through libvirt.
 """
 from __future__ import annotations
@@ -19,6 +19,17 @@ def quota_us(cores: float, vcpus: int) -> int:
     if not math.isfinite(cores):
         return -1
     return max(1000, int(cores / max(vcpus, 1) * QUOTA_PERIOD_US))
+
+
+def cores_for_quota_us(quota: float | None, vcpus: int) -> float:
+    """The cap in cores that :func:`quota_us` turns back into the per-vCPU ``quota`` (µs); NaN = no cap.
+
+    Half a microsecond is added so that the float round trip cannot truncate
+    to one below: restoring an original quota gives back exactly that quota.
+    """
+    if quota is None or not quota > 0:
+        return math.nan
+    return (float(quota) + 0.5) * max(vcpus, 1) / QUOTA_PERIOD_US
 
 
 class Actuator(Protocol):

@@ -25,12 +25,12 @@ from rescoin.core.arrays import fillnan
 from rescoin.core.model import ACTION_KINDS, Controls, Observation, Plan, VMSet
 from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
 from rescoin.core.sharing import water_fill, water_fill_columns
-from rescoin.hosts.base import ApplyResult
+from rescoin.hosts.base import ApplyResult, HostBase
 
 NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
 
 
-class SimHost:
+class SimHost(HostBase):
     def __init__(
         self,
         trace,
@@ -79,7 +79,7 @@ class SimHost:
         self.presence = np.asarray(presence, bool)
         if self.presence.shape != (self.periods, n):
             raise ValueError(f"presence must be {(self.periods, n)}, got {self.presence.shape}")
-        self.start = float(getattr(trace, "start", 0.0))
+        self.t0 = float(getattr(trace, "start", 0.0))  # (``start`` is the Host protocol's)
         self.period = float(getattr(trace, "period", 300.0))
         self.controls = Controls.defaults(self.all_vms)
         self._vstart = np.r_[0, np.cumsum(self.all_vms.vcpus)[:-1]]
@@ -188,7 +188,7 @@ class SimHost:
         nxt = self.demand[t + 1, rows] if t + 1 < self.periods else demand
         self.t += 1
         return Observation(
-            ts=self.start + t * self.period,
+            ts=self.t0 + t * self.period,
             interval=self.period,
             host=self._capacity,
             vms=vms,

@@ -15,23 +15,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rescoin.core.guard import GuardConfig
+from rescoin.core.options import opt
+from rescoin.hosts.config import MAX_MIB, HostConfig
 
 DEFAULT_PATH = Path("/etc/rescoin/rescoin.toml")
-MAX_MIB = float(2 ** 26)  # 64 TiB: more memory than any one host has; larger values are typos
-MAX_CORES = 8192.0  # Linux's largest CPU count
-MAX_KIBS = 1e9  # ~1 TB/s: more bandwidth than any one disk or link
 
 
 class ConfigError(ValueError):
     """A configuration problem, said in one line that names the key."""
-
-
-def opt(default: Any, doc: str, unit: str = "", choices: tuple | None = None, low: float | None = None,
-        high: float | None = None):
-    meta = {"doc": doc, "unit": unit, "choices": choices, "low": low, "high": high}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -47,19 +38,6 @@ class DaemonConfig:
     restore_on_exit: bool = opt(False, "on stop, put back every VM's original settings")
     dry_run: bool = opt(False, "plan and log actions, apply nothing")
     vm_filter: str = opt("*", "manage only VMs whose name matches this glob")
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    reserve_mib: float = opt(1024.0, "host memory kept back from the guests", "MiB", low=0.0, high=MAX_MIB)
-    reserve_cores: float = opt(0.0, "host CPU kept back from the guests", "cores", low=0.0, high=MAX_CORES)
-    memory_mib: float = opt(0.0, "memory the guests may share; 0 = host memory minus the reserve", "MiB", low=0.0,
-                            high=MAX_MIB)
-    disk_kibs: float = opt(204800.0, "disk bandwidth shared by blkio weights", "KiB/s", low=1.0, high=MAX_KIBS)
-    net_kibs: float = opt(125000.0, "link bandwidth shared by interface caps", "KiB/s", low=1.0, high=MAX_KIBS)
-    actuator: str = opt("libvirt", "how CPU, blkio and pins are applied", choices=("libvirt", "cgroup"))
-    memtune_soft_limit: bool = opt(False, "also set each VM's memtune soft limit to its balloon target")
-    stats_period: int = opt(2, "balloon statistics period set on each VM", "s", low=0, high=3600)
 
 
 @dataclass(frozen=True)

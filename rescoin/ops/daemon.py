@@ -21,10 +21,10 @@ from fnmatch import fnmatch
 from rescoin import __version__
 from rescoin.ops.config import RESTART_NEEDED, Config, ConfigError, DaemonConfig, agent_key, changed_keys, load, unmatched_vm_entries
 from rescoin.core.guard import Guard
+from rescoin.hosts.base import RESTORE_TIMEOUT, Host, HostSetup
 from rescoin.hosts.dryrun import DryRunHost
 from rescoin.core.history import History
 from rescoin.offline.historycsv import HistoryWriter
-from rescoin.hosts.restore import RESTORE_TIMEOUT
 from rescoin.core.loop import ControlLoop, HostUnavailableError, Step, run_daemon
 from rescoin.ops.paths import PathLock
 from rescoin.core.policies import make_policy
@@ -36,7 +36,7 @@ log = logging.getLogger("rescoin.ops.daemon")
 
 
 # -- the host -------------------------------------------------------------------------------
-def build_host(cfg: Config, sim: dict | None = None):
+def build_host(cfg: Config, sim: dict | None = None, setup: HostSetup | None = None) -> Host:
     """The Host for ``cfg.daemon.uri``: a simulated one (sim:TRACE_DIR) or libvirt."""
     uri = cfg.daemon.uri
     if uri.startswith("sim:"):
@@ -50,35 +50,23 @@ def build_host(cfg: Config, sim: dict | None = None):
         return SimHost(trace, overcommit=sim.get("overcommit", 1.5))
     from rescoin.hosts.libvirt import LibvirtHost
 
-    host = LibvirtHost(uri, settings=_host_settings(cfg), agents=_agents(cfg), managed=_managed(cfg),
-                       actuator=_actuator(cfg), vm_config=cfg.for_vm)
-    if cfg.host.memory_mib > 0:
-        host.memory_limit_mib = cfg.host.memory_mib
-    host.tcp_agents = dict(cfg.agent.tcp)
-    return host
+    setup = setup or host_setup(cfg)
+    return LibvirtHost(uri, config=setup.config, agents=setup.agents, managed=setup.managed,
+                       vm_config=setup.vm_config, tcp_agents=setup.tcp_agents)
 
 
-# -- what a libvirt host takes from the configuration: built alike at start and on reload ----------------
-def _host_settings(cfg: Config):
-    from rescoin.hosts.libvirt import HostSettings
-
-    h = cfg.host
-    return HostSettings(reserve_mib=h.reserve_mib, reserve_cores=h.reserve_cores, disk_kibs=h.disk_kibs,
-                        net_kibs=h.net_kibs, stats_period=h.stats_period, memtune_soft_limit=h.memtune_soft_limit)
+def host_setup(cfg: Config, old: HostSetup | None = None, old_cfg: Config | None = None) -> HostSetup:
+    """What a host takes from ``cfg``, alike at start and on reload; an unchanged agent client is kept."""
+    same_agents = old is not None and old_cfg is not None and (cfg.agent.timeout, cfg.agent.key_file) == (
+        old_cfg.agent.timeout, old_cfg.agent.key_file)
+    return HostSetup(config=cfg.host, agents=old.agents if same_agents else _agents(cfg),
+                     tcp_agents=dict(cfg.agent.tcp), vm_config=cfg.for_vm, managed=_managed(cfg))
 
 
 def _agents(cfg: Config):
     from rescoin.hosts.agent import AgentClient
 
     return AgentClient(timeout=cfg.agent.timeout, key=agent_key(cfg))
-
-
-def _actuator(cfg: Config):
-    if cfg.host.actuator == "cgroup":
-        from rescoin.hosts.cgroupfs import CgroupActuator
-
-        return CgroupActuator()
-    return None  # the host's default: through libvirt
 
 
 def _managed(cfg: Config):
@@ -95,9 +83,11 @@ class Daemon:
         self.speed = speed
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
-        self.host = build_host(cfg, sim)
+        self.setup = host_setup(cfg)
+        self.real_host: Host = build_host(cfg, sim, self.setup)  # the host this daemon built
+        self.host: Host = self.real_host
         self.dry_run_host = dry_run_host or DryRunHost  # put on and taken off by reloads of daemon.dry_run
-        self.host = self._host_for(cfg.daemon.dry_run)
+        self.host = self._host_for(cfg.daemon.dry_run)  # what the loop drives: real or wrapped
         self.applied_once = not cfg.daemon.dry_run  # only a daemon that changed VMs restores them on exit
         self.restore_timeout = RESTORE_TIMEOUT  # --restore-on-exit retries a hypervisor that does not answer
         self.state: StateFile | None = None
@@ -113,11 +103,7 @@ class Daemon:
         except BaseException:
             self._close_paths()  # nothing is left locked or bound by a daemon that did not start
             raise
-        inner = getattr(self.host, "host", self.host)
-        if hasattr(inner, "saved_originals"):
-            inner.saved_originals = saved.originals
-            inner.pending_restore = saved.unrestored
-            inner.restore_at_start = not cfg.daemon.dry_run  # a dry run changes nothing, not even that
+        self.host.resume(saved.originals, saved.unrestored)  # a dry run keeps the pending restores waiting
         self.last_step: Step | None = None
         self.periods = 0
         self._vm_entries_checked = False
@@ -150,8 +136,8 @@ class Daemon:
 
     @property
     def period(self) -> float:
-        trace_period = getattr(getattr(self.host, "host", self.host), "period", None)
-        return float(trace_period) if self.cfg.daemon.uri.startswith("sim:") and trace_period else self.cfg.daemon.period
+        own = self.host.period  # a replayed trace's
+        return float(own) if self.cfg.daemon.uri.startswith("sim:") and own else self.cfg.daemon.period
 
     def _make_loop(self, cfg: Config, history: History, host=None) -> ControlLoop:
         try:
@@ -185,7 +171,7 @@ class Daemon:
             new = replace(new, daemon=replace(new.daemon, **kept))
             host = self._host_for(new.daemon.dry_run)
             loop = self._make_loop(new, self.history, host)
-            self._reconfigure_host(new)
+            self._reconfigure_host(new, host)
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
@@ -198,55 +184,44 @@ class Daemon:
         if host is not self.host:
             log.warning("dry run %s: actions are %s from now on", "on" if new.daemon.dry_run else "off",
                         "planned, not applied" if new.daemon.dry_run else "applied")
-        self.cfg, self.host, self.loop = new, host, loop
+        self._use(host)
+        self.cfg, self.loop = new, loop
         self.applied_once |= not new.daemon.dry_run
-        if hasattr(self._inner_host, "restore_at_start"):
-            self._inner_host.restore_at_start = not new.daemon.dry_run  # pending restores wait for a live run
         self._vm_entries_checked = False  # new [vm] entries: checked against the VMs at the next period
         applied = [k for k in changed if k not in restart]
         log.info("configuration reloaded from %s (policy %s, period %g s%s)%s", self.config_path,
                  new.daemon.policy, new.daemon.period, f"; changed: {', '.join(applied)}" if applied else "",
                  f"; restart needed for: {', '.join(restart)}" if restart else "")
 
-    @property
-    def _inner_host(self):
-        """The real host, under the dry-run wrapper when there is one."""
-        return self.host.host if isinstance(self.host, DryRunHost) else self.host
-
-    def _host_for(self, dry_run: bool):
+    def _host_for(self, dry_run: bool) -> Host:
         """The host the loop drives: the real one, or the real one wrapped so that nothing is applied."""
         if not dry_run:
-            return self._inner_host
-        return self.host if isinstance(self.host, DryRunHost) else self.dry_run_host(self.host)
+            return self.real_host
+        return self.host if self.host is not self.real_host else self.dry_run_host(self.real_host)
 
-    def _reconfigure_host(self, cfg: Config) -> None:
-        """Hand ``[host]``, ``[agent]``, ``vm_filter`` and the per-VM settings to a libvirt host; all or nothing."""
-        inner = self._inner_host
-        if not hasattr(inner, "reconfigure"):
-            return  # a simulated host takes none of these
-        old = self.cfg
-        agents = _agents(cfg) if (cfg.agent.timeout, cfg.agent.key_file) != (old.agent.timeout,
-                                                                             old.agent.key_file) else inner.agents
-        settings, limit = inner.settings, inner.memory_limit_mib
-        inner.reconfigure(_host_settings(cfg), cfg.host.memory_mib if cfg.host.memory_mib > 0 else None)
+    def _use(self, host: Host) -> None:
+        """Drive ``host`` from now on, handing it what the state file keeps (a dry run holds pending restores)."""
+        if host is not self.host:
+            host.resume(self.host.originals(), self.host.unrestored())
+            self.host = host
+
+    def _reconfigure_host(self, cfg: Config, host: Host) -> None:
+        """Hand ``[host]``, ``[agent]``, ``vm_filter`` and the per-VM settings to the host; all or nothing."""
+        old, new = self.setup, host_setup(cfg, self.setup, self.cfg)
+        host.reconfigure(new)
         try:
-            self.check_capacity(cfg)
+            self.check_capacity(cfg, host)
         except BaseException:
-            inner.reconfigure(settings, limit)
+            host.reconfigure(old)
             raise
-        if cfg.host.actuator != old.host.actuator:
-            from rescoin.hosts.actuators import LibvirtActuator
+        self.setup = new
 
-            inner.actuator = _actuator(cfg) or LibvirtActuator()
-        inner.agents, inner.tcp_agents = agents, dict(cfg.agent.tcp)
-        inner.vm_config, inner.managed = cfg.for_vm, _managed(cfg)
-
-    def check_capacity(self, cfg: Config | None = None) -> None:
+    def check_capacity(self, cfg: Config | None = None, host: Host | None = None) -> None:
         """Connect and refuse host settings that leave the guests nothing (a reserve above the host's size)."""
         cfg = cfg or self.cfg
-        cap = self.host.capacity  # connects: a wrong URI raises here
-        if not hasattr(self._inner_host, "reconfigure"):
-            return
+        cap = (host or self.host).capacity  # connects: a wrong URI raises here
+        if cfg.daemon.uri.startswith("sim:"):
+            return  # a replay's capacity comes from its trace, not from [host]
         if not cap.capacity[MEMORY] > 0:
             raise ConfigError(f"host.reserve_mib = {cfg.host.reserve_mib:g} leaves no memory for the guests: "
                               f"it must be below the host's memory")
@@ -277,10 +252,7 @@ class Daemon:
     def _warn_unmatched_vm_entries(self, step: Step) -> None:
         """Once per configuration: name the ``[vm."KEY"]`` entries that match no VM the host knows."""
         self._vm_entries_checked = True
-        inner = self._inner_host
-        ids = list(zip(step.obs.vms.uuids.tolist(), step.obs.vms.names.tolist()))
-        if hasattr(inner, "domain_ids"):
-            ids += inner.domain_ids()
+        ids = list(zip(step.obs.vms.uuids.tolist(), step.obs.vms.names.tolist())) + self.host.known_vms()
         for key in unmatched_vm_entries(self.cfg, ids):
             log.warning('[vm."%s"] in %s matches no VM on %s (neither a name nor a UUID); check the spelling',
                         key, self.config_path or "the configuration", self.cfg.daemon.uri)
@@ -311,8 +283,7 @@ class Daemon:
 
     def run(self, max_periods: int | None = None) -> int:
         d = self.cfg.daemon
-        if hasattr(self.host, "start_events"):
-            self.host.start_events()
+        self.host.start()
         log.info("rescoin %s: policy %s on %s, period %.0f s", __version__, d.policy, d.uri, self.period)
         try:
             run_daemon(self, lambda: self.period, self.stop_event, self._after_step,
@@ -325,7 +296,7 @@ class Daemon:
     def _save_state(self) -> None:
         if self.state is not None:
             try:
-                self.state.save(self.history, getattr(self.host, "host", self.host))
+                self.state.save(self.history, self.host.originals(), self.host.unrestored())
             except OSError as e:
                 log.warning("could not save state to %s: %s", self.state.path, e)
 
@@ -333,14 +304,14 @@ class Daemon:
         """Flush history, restore the VMs if asked, save the state, release the paths. Never raises."""
         if self.writer is not None:
             self.writer.close()
-        inner = self._inner_host
-        pending = set(getattr(inner, "pending_restore", ()))
-        if self.cfg.daemon.restore_on_exit and self.applied_once and hasattr(inner, "restore"):
+        pending = self.host.unrestored()
+        if self.cfg.daemon.restore_on_exit and self.applied_once:
+            self._use(self.real_host)  # what a live run applied is put back, even after a reload to dry run
             try:
-                log.info("restored the original settings of %d VMs", inner.restore(timeout=self.restore_timeout))
+                log.info("restored the original settings of %d VMs", self.host.restore(timeout=self.restore_timeout))
             except Exception:  # noqa: BLE001 - the state must still be saved
                 log.exception("restoring the VMs' original settings failed")
-        if self.periods or pending != set(getattr(inner, "pending_restore", ())):
+        if self.periods or pending != self.host.unrestored():
             self._save_state()  # after restore: what it could not restore is saved for the next start
         self._close_paths()
         if self.metrics is not None:

@@ -173,11 +173,9 @@ class Metrics:
             self.actions.labels(kind, "ok").inc(n)
         for kind, n in step.result.failed.items():
             self.actions.labels(kind, "failed").inc(n)
-        lv = getattr(getattr(daemon.host, "host", daemon.host), "lv", None)
-        if lv is not None:
-            for call, n in lv.errors.items():
+        for errors in (obs.call_errors, step.result.call_errors):  # this period's, as the host reported them
+            for call, n in errors.items():
                 self.libvirt_errors.labels(call).inc(n)
-            lv.errors.clear()
         self.loop.observe(step.seconds)
         self.vms.set(obs.n)
 

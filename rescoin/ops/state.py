@@ -73,8 +73,8 @@ class StateFile:
     def load(self, window: int) -> Saved:
         return load_state(self.path, window)
 
-    def save(self, history: History, host: Any) -> None:
-        save_state(self.path, history, host)
+    def save(self, history: History, originals: dict[str, dict], unrestored: set[str]) -> None:
+        save_state(self.path, history, originals, unrestored)
 
     def close(self) -> None:
         self.lock.release()
@@ -155,7 +155,7 @@ def _caps(x: Any) -> bool:
                                        for d, p in x.items())
 
 
-#: field -> (required, check); LibvirtHost._adopt writes them, LibvirtHost.restore reads them
+#: field -> (required, check); hosts.libvirt.discovery.adopt writes them, LibvirtHost.restore reads them
 ORIGINAL_FIELDS = {
     "shares": (True, lambda x: x is None or _is_num(x)),
     "quota": (True, lambda x: x is None or _is_num(x)),
@@ -213,15 +213,13 @@ def load_state(path: str | Path, window: int) -> Saved:
     return Saved(history, originals, set(unrestored))
 
 
-def save_state(path: str | Path, history: History, host: Any) -> None:
+def save_state(path: str | Path, history: History, originals: dict[str, dict], unrestored: set[str]) -> None:
     """Write the format, history (with credits), originals and unrestored VMs atomically."""
     path = Path(path)
-    originals = {u: s.original for u, s in getattr(host, "vms", {}).items()}
-    originals.update({u: o for u, o in getattr(host, "saved_originals", {}).items() if u not in originals})
     arrays = {"format": np.array(FORMAT)}  # first: its member name is the file's magic
     arrays.update(history.snapshot())
     arrays["originals"] = np.array(json.dumps(originals, default=_json_default))
-    arrays["unrestored"] = np.array(json.dumps(sorted(getattr(host, "pending_restore", ()))))
+    arrays["unrestored"] = np.array(json.dumps(sorted(unrestored)))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -41,13 +41,10 @@ def snapshot(daemon, step) -> dict:
                       period=obs.interval)
     credit = combined_credit(credits(inp, 10), 1.0)
     fc = step.forecast.value if step.forecast is not None else np.full_like(obs.usage, np.nan)
-    inner = getattr(daemon.host, "host", daemon.host)
-    states = getattr(inner, "vms", {})
-    agents = getattr(getattr(inner, "agents", None), "last_errors", {})
+    done = step.result.actions  # None: the host does not say (simulated): every planned change took effect
     vms = []
     for i in range(obs.n):
         uuid = str(obs.vms.uuids[i])
-        st = states.get(uuid)
         vms.append({
             "name": str(obs.vms.names[i]), "uuid": uuid,
             "usage": {r.label: _num(obs.usage[i, r]) for r in RESOURCES},
@@ -55,10 +52,9 @@ def snapshot(daemon, step) -> dict:
             "allocation": {r.label: _num(step.allocation.amount[i, r]) for r in RESOURCES},
             "balloon_mib": _num(step.plan.controls.balloon[i]), "cpu_shares": _num(step.plan.controls.shares[i]),
             "credit": _num(credit[i]),
-            "last_actions": list(st.last_actions) if st is not None else
-            [k for k, m in step.plan.changed.items() if k != "pin" and m[i]],
-            "agent": ("no agent" if st is not None and not st.agent and st.name not in getattr(inner, "tcp_agents", {})
-                      else agents.get(uuid, "ok")) if st is not None else "simulated",
+            "last_actions": [f"{k}{'' if ok else ' FAILED'}" for k, ok in done.get(uuid, [])] if done is not None
+            else [k for k, m in step.plan.changed.items() if k != "pin" and m[i]],
+            "agent": obs.health[i] if obs.health is not None else "simulated",
         })
     demand = np.nansum(fc, axis=0)
     return {

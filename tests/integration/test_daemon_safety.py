@@ -24,7 +24,8 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from rescoin.ops.config import load  # noqa: E402
 from rescoin.ops.daemon import Daemon  # noqa: E402
-from rescoin.hosts.libvirt import HostSettings, LibvirtHost  # noqa: E402
+from rescoin.hosts.config import HostConfig  # noqa: E402
+from rescoin.hosts.libvirt import LibvirtHost  # noqa: E402
 from rescoin.ops.status import query  # noqa: E402
 from test_daemon import Proc  # noqa: E402 - the child-process helper of the daemon tests
 
@@ -311,7 +312,7 @@ def _caps(dom) -> tuple:
 
 
 def test_restore_covers_disk_and_net_caps_and_the_memtune_soft_limit():
-    host = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0))
+    host = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0))
     dom = host.lv.connect().lookupByName("test")
     _set_caps(dom, blkio=500, net=300, disk=4096, soft=1500000)
     before = _caps(dom)
@@ -359,7 +360,7 @@ def test_restore_with_libvirtd_down_keeps_the_vms_for_the_next_start(tmp_path, c
         assert json.loads(str(data["originals"]))[TEST_VM]["blkio"] == 500
 
     dry = _daemon(tmp_path, dry_run=True)  # a dry run applies nothing, not even the pending restores
-    dom = dry.host.host.lv.connect().lookupByName("test")
+    dom = dry.real_host.lv.connect().lookupByName("test")
     _set_caps(dom, blkio=100, net=7, disk=1024, soft=900000)
     dry._after_step(dry.step())
     assert _caps(dom)[:5] == (100, 7, 7, 1024, 900000)
@@ -374,7 +375,7 @@ def test_restore_with_libvirtd_down_keeps_the_vms_for_the_next_start(tmp_path, c
         second.host.observe()  # its first period restores them, before any new decision
     assert "which the last run could not restore" in caplog.text
     assert _caps(dom)[:5] == (500, 300, 300, 4096, 1500000)
-    assert second.host.pending_restore == set()
+    assert second.host.unrestored() == set()
     second._after_step(second.step())
     second.restore_timeout = 5.0
     second.close()

@@ -20,7 +20,8 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from rescoin.hosts.agent import AgentClient  # noqa: E402
 from rescoin.core.guard import Guard  # noqa: E402
-from rescoin.hosts.libvirt import HostSettings, HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
+from rescoin.hosts.config import HostConfig  # noqa: E402
+from rescoin.hosts.libvirt import HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
 from rescoin.core.loop import ControlLoop  # noqa: E402
 from rescoin.core.model import Allocation  # noqa: E402
 from rescoin.core.policies import make_policy  # noqa: E402
@@ -32,7 +33,7 @@ EXTRA = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memor
 
 @pytest.fixture
 def host():
-    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0))
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0))
     yield h
     h.close()
 
@@ -50,7 +51,7 @@ def test_observe_reads_identity_sizes_and_capacity(host):
     assert obs.vms.sizes[0, 0] == 2 and obs.vms.sizes[0, 1] == 8192
     info = host.lv.connect().getInfo()
     assert obs.host.pcpus == info[2]
-    assert obs.host.capacity[1] == info[1] - host.settings.reserve_mib
+    assert obs.host.capacity[1] == info[1] - host.config.reserve_mib
     assert obs.age.tolist() == [0]
 
 
@@ -110,7 +111,7 @@ def test_pin_then_float_again_is_applied_and_read_back(host):
     maps = apply_pins([1, -1], width)  # vCPU 1 floats again: every pCPU allowed
     assert tuple(maps[0]) == _cpumap(len(maps[0]), width, width) and all(maps[1])
     # a new host adopting the VM reads the sets back as set indexes, floating as -1
-    again = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0))
+    again = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0))
     again.lv = host.lv  # the test driver keeps state per connection
     ctl = again.observe().controls
     assert ctl.pins.tolist() == [1, -1] and ctl.pin_width == width
@@ -200,7 +201,7 @@ def test_dry_run_host_applies_nothing(host, capsys):
 def test_disk_cap_and_memtune_soft_limit_reach_libvirt():
     from rescoin.core.model import Allocation as A
 
-    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0, memtune_soft_limit=True))
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0, memtune_soft_limit=True))
     obs = h.observe()
     alloc = np.full((1, 4), np.nan)
     alloc[0, 1] = 2600.0
@@ -275,7 +276,7 @@ def agent_vm():
     made = []
 
     def make(mem: dict, key: bytes | None = None) -> LibvirtHost:
-        h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0),
+        h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0),
                         agents=AgentClient(timeout=1.0, key=key))
         path = tmp / "ag.sock"
         h.lv.connect().defineXML(AGENT_VM.format(name="ag", path=path)).create()
@@ -324,7 +325,7 @@ def test_per_vm_max_memory_below_use_keeps_the_floor(caplog):
 
     # 64 MiB limit for a guest holding 2048 MiB whose use the host cannot see: nothing is reclaimed
     cfg = parse("[vm.test]\nmax_memory_mib = 64\n")
-    h = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0), vm_config=cfg.for_vm)
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0), vm_config=cfg.for_vm)
     loop = ControlLoop(h, make_policy("rescoin"), period=1.0)
     dom = h.lv.connect().lookupByName("test")
     before = dom.info()[2]
@@ -335,3 +336,71 @@ def test_per_vm_max_memory_below_use_keeps_the_floor(caplog):
             assert dom.info()[2] == before, "a target under the floor reached libvirt"
     assert sum("memory limit 64 MiB is below its floor" in r.message for r in caplog.records) == 1
     h.close()
+
+
+class RecordingActuator:
+    """LibvirtActuator's calls, each recorded as (call, VM, arguments) when made."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        from rescoin.hosts.actuators import LibvirtActuator
+
+        self.real, self.made = LibvirtActuator(), []
+
+    def _wrap(self, call, vm: str):
+        what, fn, args = call
+
+        def run(*a):
+            self.made.append((what, vm, a))
+            return fn(*a)
+
+        return what, run, args
+
+    def cpu(self, state, dom, shares, quota):
+        return self._wrap(self.real.cpu(state, dom, shares, quota), state.name)
+
+    def blkio(self, state, dom, weight):
+        return self._wrap(self.real.blkio(state, dom, weight), state.name)
+
+    def pin(self, state, dom, vcpu, cpumap):
+        return self._wrap(self.real.pin(state, dom, vcpu, cpumap), state.name)
+
+
+def test_restore_goes_through_the_hosts_actuator():
+    act = RecordingActuator()
+    h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0), actuator=act)
+    try:
+        dom = h.lv.connect().lookupByName("test")
+        dom.setBlkioParameters({"weight": 500}, 0)
+        before = (dom.blkioParameters()["weight"], [tuple(p) for p in dom.vcpuPinInfo(0)])
+        ControlLoop(h, make_policy("rescoin"), period=1.0).step()
+        assert dom.blkioParameters()["weight"] != 500
+        act.made.clear()
+        assert h.restore() == 1
+        made = [(what, vm) for what, vm, _ in act.made]
+        assert ("setSchedulerParameters", "test") in made and ("setBlkioParameters", "test") in made
+        assert made.count(("pinVcpuFlags", "test")) == len(before[1])  # one per vCPU, as found
+        blkio_args = next(a for what, _, a in act.made if what == "setBlkioParameters")
+        assert blkio_args[0] == {"weight": 500}
+        assert (dom.blkioParameters()["weight"], [tuple(p) for p in dom.vcpuPinInfo(0)]) == before
+    finally:
+        h.close()
+
+
+def test_observation_and_apply_result_carry_health_and_failed_calls(host):
+    dom = add_vm(host, "short-lived")
+    obs = host.observe()
+    assert obs.health == ["no agent", "no agent"]
+    assert obs.call_errors == {"setMemoryStatsPeriod": 1}  # the extra VM has no balloon device
+    dom.destroy()  # gone between observe and apply
+    dom.undefine()
+    i = obs.vms.names.tolist().index("short-lived")
+    plan = Guard().plan(Allocation(np.full((2, 4), np.nan), caps=np.zeros(4, dtype=bool)), obs, obs.host.capacity)
+    plan.changed["blkio"][i], plan.controls.blkio[i] = True, 300.0  # one action, on the vanished VM
+    res = host.apply(plan)
+    uuid = obs.vms.uuids[i]
+    assert res.actions[uuid] == [("blkio", False)] and res.actions[obs.vms.uuids[1 - i]] == []
+    assert res.call_errors == {"setBlkioParameters": 1}
+    assert host.apply(plan).call_errors == {"setBlkioParameters": 1}  # each result: its own calls only
+    assert host.observe().call_errors == {}

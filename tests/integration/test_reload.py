@@ -25,8 +25,8 @@ VM = """<domain type='test'><name>{name}</name><memory unit='MiB'>2048</memory>
 
 
 def real(d: Daemon):
-    """The libvirt host under the dry-run wrapper, if any."""
-    return getattr(d.host, "host", d.host)
+    """The libvirt host the daemon built (under the dry-run wrapper, if any)."""
+    return d.real_host
 
 
 def free_port() -> int:
@@ -122,7 +122,7 @@ def test_reload_applies_host_settings_and_refuses_a_reserve_above_the_host(daemo
         cap1 = daemon.step().obs.host.capacity
     assert cap1[MEMORY] == cap0[MEMORY] + 1024 - 512 and cap1[3] == 5000
     inner = real(daemon)
-    assert inner.settings.memtune_soft_limit and inner.settings.stats_period == 7
+    assert inner.config.memtune_soft_limit and inner.config.stats_period == 7
     xml = inner.lv.connect().lookupByName("test").XMLDesc(0)
     assert "<stats period='7'/>" in xml  # the new period reached the running VM, not only new ones
     caplog.clear()

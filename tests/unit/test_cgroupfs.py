@@ -381,7 +381,8 @@ def test_v2_vanished_vm_is_an_oserror(v2):
 # -- through LibvirtHost: failures are recorded, the loop goes on --------------------------------------------
 def test_libvirt_host_applies_through_cgroups_and_survives_a_vanished_vm(tmp_path):
     pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
-    from rescoin.hosts.libvirt import HostSettings, LibvirtHost, _cpumap
+    from rescoin.hosts.config import HostConfig
+    from rescoin.hosts.libvirt import LibvirtHost, _cpumap
     from rescoin.core.loop import ControlLoop
     from rescoin.core.policies import make_policy
 
@@ -390,7 +391,7 @@ def test_libvirt_host_applies_through_cgroups_and_survives_a_vanished_vm(tmp_pat
     fake.put("cpu/machine/qemu-1-test.libvirt-qemu/cpu.shares", "7")  # far from any plan
     vm_dir = "machine/qemu-1-test.libvirt-qemu"
     act = fake.actuator()
-    host = LibvirtHost("test:///default", settings=HostSettings(reserve_mib=0.0), actuator=act)
+    host = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0), actuator=act)
     try:
         step = ControlLoop(host, make_policy("rescoin"), period=1.0).step()
         plan = step.plan

@@ -98,18 +98,19 @@ def test_a_vm_that_leaves_drops_its_series(kit):
     assert samples(m)[("rescoin_vms", ())] == 2
 
 
-def test_libvirt_errors_are_counted_by_call_and_cleared(kit):
+def test_failed_calls_are_counted_by_call_from_what_the_host_reported(kit):
+    from dataclasses import replace
+
     loop, daemon = sim_loop(kit)
     step = loop.step()
-    errors = Counter({"setMemoryFlags": 2, "getAllDomainStats": 1})
-    daemon.host = SimpleNamespace(lv=SimpleNamespace(errors=errors))  # stand-in: a libvirt host's error counter
+    step = replace(step, obs=replace(step.obs, call_errors={"setMemoryFlags": 2, "getAllDomainStats": 1}))
+    step.result.call_errors = {"setMemoryFlags": 1}
     m = Metrics()
     m.update(daemon, step)
-    m.update(daemon, step)  # nothing new: counts stay
     got = samples(m)
-    assert got[("rescoin_libvirt_errors_total", (("call", "setMemoryFlags"),))] == 2
+    assert got[("rescoin_libvirt_errors_total", (("call", "setMemoryFlags"),))] == 3
     assert got[("rescoin_libvirt_errors_total", (("call", "getAllDomainStats"),))] == 1
-    assert not errors
+    assert step.obs.call_errors == {"setMemoryFlags": 2, "getAllDomainStats": 1}  # a reporter changes nothing
 
 
 def test_serve_moves_the_endpoint_and_close_releases_the_port():

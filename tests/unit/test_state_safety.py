@@ -30,15 +30,6 @@ MIDNIGHT = 1375315200.0  # 2013-08-01 00:00:00 UTC
 ORIGINAL = {"shares": 1024, "quota": -1, "balloon": 2048.0, "blkio": 500, "pins": [[True, True]]}
 
 
-class FakeHost:
-    """Only what save_state reads from a host: the VMs' originals (a plain stand-in, not a mock of libvirt)."""
-
-    def __init__(self, originals: dict | None = None, pending: set | None = None) -> None:
-        self.vms = {}
-        self.saved_originals = originals or {}
-        self.pending_restore = pending or set()
-
-
 def busy_history(kit, window: int = 60, periods: int = 5) -> History:
     h = History(window)
     vms = kit.vms(2, uuids=["a", "b"])
@@ -81,7 +72,7 @@ def test_state_path_that_is_not_a_rescoin_file_is_refused_and_untouched(tmp_path
 
 def test_saved_state_starts_with_the_format_marker(kit, tmp_path):
     path = tmp_path / "state.npz"
-    save_state(path, busy_history(kit), FakeHost({"u1": ORIGINAL}))
+    save_state(path, busy_history(kit), {"u1": ORIGINAL}, set())
     assert is_rescoin_state(path)
     with np.load(path) as data:
         assert data.files[0] == "format" and tuple(data["format"]) == FORMAT
@@ -92,7 +83,7 @@ def test_saved_state_starts_with_the_format_marker(kit, tmp_path):
 def test_damaged_state_is_kept_under_a_new_name_each_time(kit, tmp_path, caplog):
     path = tmp_path / "state.npz"
     for attempt in range(2):
-        save_state(path, busy_history(kit), FakeHost())
+        save_state(path, busy_history(kit), {}, set())
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])  # rescoin's own file, cut in half
         assert is_rescoin_state(path)
@@ -110,7 +101,7 @@ def test_damaged_state_is_kept_under_a_new_name_each_time(kit, tmp_path, caplog)
 # -- 2. a state that loads but does not fit --------------------------------------------------------
 def test_state_with_short_rings_starts_fresh_and_is_kept(kit, tmp_path, caplog):
     path = tmp_path / "state.npz"
-    save_state(path, busy_history(kit, window=30), FakeHost())  # a window the daemon does not keep
+    save_state(path, busy_history(kit, window=30), {}, set())  # a window the daemon does not keep
     with caplog.at_level(logging.WARNING, logger="rescoin.ops.state"):
         saved = load_state(path, 60)
     assert saved.history.t == 0 and saved.history.window == 60
@@ -134,7 +125,7 @@ def test_state_with_short_rings_starts_fresh_and_is_kept(kit, tmp_path, caplog):
 ])
 def test_inconsistent_state_starts_fresh(kit, tmp_path, edit):
     path = tmp_path / "state.npz"
-    save_state(path, busy_history(kit), FakeHost({"u": ORIGINAL}))
+    save_state(path, busy_history(kit), {"u": ORIGINAL}, set())
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     edit(arrays)
