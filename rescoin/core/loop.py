@@ -71,7 +71,7 @@ class ControlLoop:
         ent = entitlement(obs.vms.sizes, obs.vms.weight, capacity)
         forecast = self.predictor.predict(h) if self.predictor is not None else None
         inp = PolicyInput(obs=obs, forecast=forecast, history=h, capacity=capacity, entitlement=ent, period=self.period)
-        alloc = self.policy.allocate(inp)
+        alloc = self.policy.allocate(inp).with_all_diagnostics(obs.n)
         if self.placement is not None:
             pins, width = self.placement.place(inp, placement_load(inp, self.placement.name))
             alloc = alloc.with_pins(pins, width)
@@ -82,6 +82,7 @@ class ControlLoop:
             allocation=alloc.amount,
             entitlement=ent,
         )
+        h.note(credit=alloc.diagnostics["credit"])
         for w in self.guard.warnings:
             log.warning(w)
         self.guard.warnings.clear()

@@ -419,3 +419,28 @@ def test_starving_guest_balloon_grows_within_two_periods(kit, jump_to):
             fed_at = t
     assert starved_at == 25, "the jump is unforeseeable: the guest starves when it happens"
     assert fed_at is not None and fed_at - starved_at <= 2, (starved_at, fed_at)
+
+
+def test_credit_is_the_policys_own_and_nan_without_credits(kit):
+    """Reporters read the credit the policy computed (its window and norm); drf has none (NaN)."""
+    from rescoin.core.policies.rescoin import combined_credit, credits
+    from rescoin.core.registry import build
+
+    for name, window, norm in (("rescoin", 3, 2.0), ("drf", None, None)):
+        parts = build(name)
+        if window is not None:
+            parts.policy.window, parts.policy.norm = window, norm
+        loop = ControlLoop(SimHost(mixed_trace(kit, periods=6, n=3)), parts, period=300.0)
+        for step in loop.steps(6):
+            d = step.allocation.diagnostics
+            assert d["credit"].shape == (step.obs.n, N_RES) and d["combined_credit"].shape == (step.obs.n,)
+            np.testing.assert_array_equal(loop.history.latest("credit"), d["credit"])
+            if window is None:
+                assert np.isnan(d["credit"]).all() and np.isnan(d["combined_credit"]).all()
+            else:
+                from rescoin.core.policies import PolicyInput
+                inp = PolicyInput(obs=step.obs, forecast=None, history=loop.history, capacity=step.obs.host.capacity,
+                                  entitlement=step.entitlement, period=300.0)
+                np.testing.assert_allclose(d["credit"], credits(inp, window))
+                np.testing.assert_allclose(d["combined_credit"], combined_credit(credits(inp, window), norm))
+                assert not np.allclose(d["combined_credit"], combined_credit(credits(inp, 10), 1.0))
