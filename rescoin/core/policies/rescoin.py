@@ -39,8 +39,6 @@ def combined_credit(ac: np.ndarray, norm: float) -> np.ndarray:
 @dataclass
 class RescoinPolicy:
     name: str = "rescoin"
-    predictor: str = "default"
-    placement: str = "balance"
     needs_truth: bool = False
     window: int = 10  # k: credit window in periods
     norm: float = 1.0  # how resources combine into one credit
@@ -94,8 +92,6 @@ class RescoinPaperPolicy:
     """
 
     name: str = "rescoin-paper"
-    predictor: str = "ewma"
-    placement: str = "none"
     needs_truth: bool = False
     window: int = 10
 
