@@ -25,8 +25,6 @@ from rich.text import Text
 from rescoin.offline.evaluate import METRICS
 from rescoin.core.history import History
 from rescoin.core.loop import Step
-from rescoin.core.policies.rescoin import combined_credit, credits
-from rescoin.core.policies.base import PolicyInput
 from rescoin.core.resources import CPU, MEMORY, RESOURCES, UNITS
 
 SHORT = {"satisfaction": "satisf", "violations": "viol", "worst_off": "worst", "fairness": "Jain",
@@ -200,9 +198,7 @@ class LiveView:
     def render(self, step: Step, history: History) -> Group:
         obs = step.obs
         cap = obs.host.capacity
-        inp = PolicyInput(obs=obs, forecast=None, history=history, capacity=cap,
-                          entitlement=step.entitlement, period=obs.interval)
-        credit = combined_credit(credits(inp, 10), 1.0)
+        credit = step.allocation.diagnostics["combined_credit"]  # NaN for a policy without credits
         use = history.latest("usage")
         fc = step.forecast.value if step.forecast is not None else np.full_like(use, np.nan)
         alloc = step.allocation.amount
@@ -217,7 +213,7 @@ class LiveView:
                 Col("mem use\nMiB"), Col("mem fc\nMiB"), Col("balloon\nMiB"), Col("credit")]
         order = np.argsort(-np.nan_to_num(use[:, CPU] / np.maximum(obs.vms.sizes[:, CPU], 1)))[: self.rows]
         rows = [[str(obs.vms.names[i]), _fmt(use[i, CPU]), _fmt(fc[i, CPU]), _fmt(alloc[i, CPU]),
-                 _mib(use[i, MEMORY]), _mib(fc[i, MEMORY]), _mib(target[i]), f"{credit[i]:+.3f}"] for i in order]
+                 _mib(use[i, MEMORY]), _mib(fc[i, MEMORY]), _mib(target[i]), f"{credit[i]:+.3f}" if np.isfinite(credit[i]) else "-"] for i in order]
         return Group(head, *fit_tables(None, cols, rows, self.console.width))
 
 

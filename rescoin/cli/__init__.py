@@ -229,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rescoin.hosts.sim import SimHost
     from rescoin.core.loop import ControlLoop, run_daemon
     from rescoin.ops.paths import PathError
-    from rescoin.core.policies import make_policy
+    from rescoin.core.registry import build
     from rescoin.offline.simulate import SimSettings, simulate
     from rescoin.view import LiveView, metric_tables, progress
 
@@ -244,7 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"[bold]rescoin demo[/]: {trace.name}, overcommit {args.overcommit}. "
                   "Data: Bitbrains GWA-T-12 (Shen, van Beek, Iosup, CCGrid 2015; gwa.ewi.tudelft.nl).")
     host = SimHost(trace, overcommit=args.overcommit)
-    loop = ControlLoop(host, make_policy("rescoin"), period=float(trace.period))
+    loop = ControlLoop(host, build("rescoin"), period=float(trace.period))
     console.print(f"history: writing to {out}/")
     stop = threading.Event()
     speed = trace.n_periods * trace.period / max(args.seconds, 0.1)
@@ -272,7 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from rescoin.core.policies import POLICIES
+    from rescoin.core.registry import POLICIES
 
     p = argparse.ArgumentParser(prog="rescoin", description="Predictive multi-resource fairness scheduler for KVM hosts.")
     p.add_argument("--version", action="version", version=f"rescoin {__version__}")

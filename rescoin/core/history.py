@@ -16,6 +16,9 @@ from rescoin.core.resources import N_RES
 
 #: ring-buffered series, each (window, n_vms, N_RES)
 SERIES = ("usage", "signal", "forecast", "allocation", "entitlement")
+#: what the policy reported about the period it decided in (``Allocation.diagnostics``), same shape;
+#: NaN where the policy computes no such value. Optional in a snapshot (older state files lack it).
+NOTED = ("credit",)
 
 
 def realign_rows(old: VMSet | None, new: VMSet) -> np.ndarray | None:
@@ -38,7 +41,7 @@ class History:
         self.vms: VMSet | None = None
         self.t = 0  # periods pushed so far
         self.ts = np.full(window, np.nan)
-        self._ring = {name: np.full((window, 0, N_RES), np.nan) for name in SERIES}
+        self._ring = {name: np.full((window, 0, N_RES), np.nan) for name in SERIES + NOTED}
         self._state: dict[str, np.ndarray] = {}
         self._fill: dict[str, float] = {}
         self.age = np.zeros(0, dtype=np.intp)
@@ -94,6 +97,15 @@ class History:
         for name in ("forecast", "allocation", "entitlement"):
             value = self.pending.get(name)
             self._ring[name][s] = np.nan if value is None else value
+        for name in NOTED:
+            self._ring[name][s] = np.nan
+
+    def note(self, **series: np.ndarray) -> None:
+        """Record what the policy reported about this period (its credit), in this period's slot."""
+        for name, value in series.items():
+            if name not in NOTED:
+                raise KeyError(name)
+            self._ring[name][self.slot] = value
 
     def decide(self, **series: np.ndarray) -> None:
         """Record what this period decided (forecast, allocation, entitlement) for the next one."""
@@ -170,7 +182,7 @@ class History:
         h.vms = VMSet.build(uuids, uuids, np.full((n, N_RES), np.nan))
         for key, value in data.items():
             kind, _, name = key.partition(".")
-            if kind == "ring" and name in SERIES:
+            if kind == "ring" and name in SERIES + NOTED:
                 h._ring[name] = _expect(key, value, (w, n, N_RES), "f")
             elif kind == "state":
                 value = np.asarray(value)
@@ -188,6 +200,9 @@ class History:
         missing = [s for s in SERIES if f"ring.{s}" not in data]
         if missing:
             raise ValueError(f"no ring for {', '.join(missing)}")
+        for name in NOTED:
+            if f"ring.{name}" not in data:
+                h._ring[name] = np.full((w, n, N_RES), np.nan)
         return h
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -17,9 +17,8 @@ from rescoin.core.guard import Guard
 from rescoin.core.history import History
 from rescoin.hosts.base import ApplyResult, Host, HostUnavailableError
 from rescoin.core.model import Allocation, Forecast, Observation, Plan
-from rescoin.core.placement import make_placement, placement_load
-from rescoin.core.policies import Policy, PolicyInput, entitlement
-from rescoin.core.predict import Predictor, make_predictor
+from rescoin.core.policies import PolicyInput, entitlement
+from rescoin.core.registry import Components
 
 log = logging.getLogger("rescoin.core.loop")
 
@@ -43,16 +42,15 @@ class ControlLoop:
     def __init__(
         self,
         host: Host,
-        policy: Policy,
-        predictor: Predictor | None | str = "auto",
+        parts: Components,
         guard: Guard | None = None,
         history: History | None = None,
         period: float = 300.0,
     ) -> None:
         self.host = host
-        self.policy = policy
-        self.predictor = make_predictor(policy.predictor) if predictor == "auto" else predictor
-        self.placement = make_placement(policy.placement)
+        self.policy = parts.policy
+        self.predictor = parts.predictor
+        self.placement = parts.placement
         self.guard = guard or Guard()
         self.history = history or History()
         self.period = period
@@ -68,10 +66,12 @@ class ControlLoop:
         capacity = obs.host.capacity
         ent = entitlement(obs.vms.sizes, obs.vms.weight, capacity)
         forecast = self.predictor.predict(h) if self.predictor is not None else None
-        inp = PolicyInput(obs=obs, forecast=forecast, history=h, capacity=capacity, entitlement=ent, period=self.period)
-        alloc = self.policy.allocate(inp)
+        # only a policy that declares it (the oracle) sees the true demand a simulator knows
+        seen = obs if self.policy.needs_truth else replace(obs, truth=None, truth_next=None)
+        inp = PolicyInput(obs=seen, forecast=forecast, history=h, capacity=capacity, entitlement=ent, period=self.period)
+        alloc = self.policy.allocate(inp).with_all_diagnostics(obs.n)
         if self.placement is not None:
-            pins, width = self.placement.place(inp, placement_load(inp, self.placement.name))
+            pins, width = self.placement.place(inp, self.placement.load(inp))
             alloc = alloc.with_pins(pins, width)
         plan = self.guard.plan(alloc, obs, capacity, ent)
         result = self.host.apply(plan)
@@ -80,6 +80,7 @@ class ControlLoop:
             allocation=alloc.amount,
             entitlement=ent,
         )
+        h.note(credit=alloc.diagnostics["credit"])
         for w in self.guard.warnings:
             log.warning(w)
         self.guard.warnings.clear()

@@ -133,6 +133,12 @@ class Forecast:
     value: np.ndarray  # (n, N_RES) predicted demand with padding and correction: what policies plan on
 
 
+#: diagnostics a policy may return, with their per-VM shape: ``credit`` is each resource's credit
+#: (sum over the policy's window of (entitlement - usage) / capacity), ``combined_credit`` the one
+#: signed number per VM the policy weighs by (its p-norm of earned minus spent coins)
+DIAGNOSTICS: dict[str, tuple[int, ...]] = {"credit": (N_RES,), "combined_credit": ()}
+
+
 @dataclass
 class Allocation:
     """A policy's decision, in resource units; NaN = leave this resource alone."""
@@ -141,9 +147,18 @@ class Allocation:
     pins: np.ndarray | None = None  # (m,) pCPU set per vCPU, or None = leave pins alone
     pin_width: int = 1  # pCPUs per set
     caps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (N_RES,) cap, not only weight
+    # what the policy computed on the way, for reporters: name -> (n,) + DIAGNOSTICS[name];
+    # the loop fills a diagnostic a policy does not compute with NaN (drf, mom, ... have no credit)
+    diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
 
     def with_pins(self, pins: np.ndarray | None, width: int = 1) -> "Allocation":
         return replace(self, pins=pins, pin_width=width)
+
+    def with_all_diagnostics(self, n: int) -> "Allocation":
+        """Every diagnostic of ``DIAGNOSTICS`` present: the ones the policy did not compute are NaN."""
+        full = {name: np.asarray(self.diagnostics[name], dtype=float) if name in self.diagnostics
+                else np.full((n,) + shape, np.nan) for name, shape in DIAGNOSTICS.items()}
+        return replace(self, diagnostics=full)
 
 
 @dataclass

@@ -24,6 +24,9 @@ from rescoin.core.resources import CPU
 class Placement(Protocol):
     name: str
 
+    def load(self, inp: PolicyInput) -> np.ndarray:
+        """(n,) the per-VM CPU load (cores) it balances: forecast or measured."""
+
     def place(self, inp: PolicyInput, load: np.ndarray) -> tuple[np.ndarray, int]:
         """New pins ``(m,)`` (pCPU set per vCPU) for per-VM CPU load ``load`` (cores), and the set width."""
 
@@ -84,6 +87,10 @@ class BalancePlacement:
     pin_above: float = 0.5  # a vCPU forecast to keep this much of a core busy is pinned ...
     unpin_below: float = 0.1  # ... and floats again once it falls below this (wide hysteresis: few pin changes)
 
+    def load(self, inp: PolicyInput) -> np.ndarray:
+        """rescoin balances forecasts."""
+        return inp.estimate()[:, CPU]
+
     def place(self, inp: PolicyInput, load: np.ndarray) -> tuple[np.ndarray, int]:
         width = self.width or auto_width(inp.obs.host.pcpus)
         groups, size = max(1, inp.obs.host.pcpus // width), float(width)
@@ -135,6 +142,10 @@ class VmBalancerPlacement:
     name: str = "vm-balancer"
     threshold: float = 0.5
 
+    def load(self, inp: PolicyInput) -> np.ndarray:
+        """The seeds balance what they measured."""
+        return inp.used()[:, CPU]
+
     def place(self, inp: PolicyInput, load: np.ndarray) -> tuple[np.ndarray, int]:
         groups, size = inp.obs.host.pcpus, 1.0
         per = vcpu_load(inp.obs.vms, load)
@@ -162,6 +173,10 @@ class KvmSchedulingPlacement:
     name: str = "kvmscheduling"
     threshold: float = 0.5
 
+    def load(self, inp: PolicyInput) -> np.ndarray:
+        """The seeds balance what they measured."""
+        return inp.used()[:, CPU]
+
     def place(self, inp: PolicyInput, load: np.ndarray) -> tuple[np.ndarray, int]:
         groups = inp.obs.host.pcpus
         per = vcpu_load(inp.obs.vms, load)
@@ -184,10 +199,3 @@ def make_placement(name: str) -> Placement | None:
     if name not in table:
         raise ValueError(f"unknown placement {name!r}; use one of none, {', '.join(table)}")
     return table[name]()
-
-
-def placement_load(inp: PolicyInput, name: str) -> np.ndarray:
-    """rescoin balances forecasts; the seeds balance what they measured."""
-    if name == "balance":
-        return inp.estimate()[:, CPU]
-    return inp.used()[:, CPU]

@@ -23,14 +23,11 @@ import numpy as np
 from rescoin.core.history import History
 from rescoin.core.loop import Step
 from rescoin.ops.paths import reason, writable_dir
-from rescoin.core.policies.rescoin import credits
-from rescoin.core.policies.base import PolicyInput
 from rescoin.core.resources import RESOURCES
 
 COLUMNS = ("ts", "host", "vm_uuid", "vm_name", "resource", "usage", "forecast",
            "allocation", "entitlement", "credit", "signal")
 HEADER = ",".join(COLUMNS) + "\n"
-CREDIT_WINDOW = 10
 _LABELS = np.array([r.label for r in RESOURCES])
 
 log = logging.getLogger("rescoin.core.history")
@@ -103,15 +100,12 @@ class HistoryWriter:
         n = obs.n
         if n == 0:
             return
-        cap = obs.host.capacity
-        inp = PolicyInput(obs=obs, forecast=None, history=history, capacity=cap,
-                          entitlement=step.entitlement, period=obs.interval)
         cols = {
             "usage": history.latest("usage"),
             "forecast": history.latest("forecast"),
             "allocation": history.latest("allocation"),
             "entitlement": history.latest("entitlement"),
-            "credit": credits(inp, CREDIT_WINDOW),
+            "credit": history.latest("credit"),  # the policy's own (NaN, written empty, for drf, mom, ...)
             "signal": history.latest("signal"),
         }
         k = len(RESOURCES)

@@ -9,7 +9,8 @@ from rescoin.core.guard import Guard, GuardConfig
 from rescoin.core.history import History
 from rescoin.hosts.sim import SimHost
 from rescoin.core.loop import ControlLoop, Step
-from rescoin.core.policies import POLICIES, make_policy
+from rescoin.core.predict import load_model
+from rescoin.core.registry import POLICIES, build, recipe
 
 DEFAULT_POLICIES = tuple(POLICIES)
 
@@ -30,19 +31,16 @@ def parse_policies(text: str | Iterable[str] | None) -> list[str]:
     if not names:
         raise ValueError("no policies given; choose from " + ", ".join(POLICIES))
     for name in names:
-        make_policy(name)  # raises with the list of known names
+        recipe(name)  # raises with the list of known names
     return names
 
 
 def build_loop(trace, policy_name: str, settings: SimSettings, presence=None) -> ControlLoop:
     host = SimHost(trace, overcommit=settings.overcommit, presence=presence)
-    policy = make_policy(policy_name)
-    predictor = "auto"
-    if settings.model and policy.predictor == "default":
-        from rescoin.core.predict import load_model
-
-        predictor = load_model(settings.model)
-    return ControlLoop(host, policy, predictor=predictor, guard=Guard(settings.guard),
+    parts = build(policy_name)
+    if settings.model and recipe(policy_name).default_model:
+        parts = parts.with_predictor(load_model(settings.model))
+    return ControlLoop(host, parts, guard=Guard(settings.guard),
                        history=History(settings.window), period=float(trace.period))
 
 

@@ -27,7 +27,7 @@ from rescoin.core.history import History
 from rescoin.offline.historycsv import HistoryWriter
 from rescoin.core.loop import ControlLoop, HostUnavailableError, Step, run_daemon
 from rescoin.ops.paths import PathLock
-from rescoin.core.policies import make_policy
+from rescoin.core.registry import build
 from rescoin.core.predict import load_model
 from rescoin.core.resources import MEMORY
 from rescoin.ops.state import Saved, StateFile
@@ -141,11 +141,12 @@ class Daemon:
 
     def _make_loop(self, cfg: Config, history: History, host=None) -> ControlLoop:
         try:
-            policy = make_policy(cfg.daemon.policy)
-            predictor = load_model(cfg.daemon.model) if cfg.daemon.model else "auto"
+            parts = build(cfg.daemon.policy)
+            if cfg.daemon.model:  # a model file feeds whichever policy runs
+                parts = parts.with_predictor(load_model(cfg.daemon.model))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return ControlLoop(host or self.host, policy, predictor=predictor, guard=Guard(cfg.guard), history=history,
+        return ControlLoop(host or self.host, parts, guard=Guard(cfg.guard), history=history,
                            period=cfg.daemon.period)
 
     # -- signals ------------------------------------------------------------------------------

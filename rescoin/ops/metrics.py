@@ -20,8 +20,6 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
 
 from rescoin.ops.config import ConfigError, parse_address
-from rescoin.core.policies.base import PolicyInput
-from rescoin.core.policies.rescoin import combined_credit, credits
 from rescoin.core.resources import RESOURCES
 
 log = logging.getLogger("rescoin.ops.metrics")
@@ -143,9 +141,7 @@ class Metrics:
         names = [str(x) for x in obs.vms.names]
         fc_now = h.latest("forecast")
         fc = step.forecast.value if step.forecast is not None else np.full_like(obs.usage, np.nan)
-        inp = PolicyInput(obs=obs, forecast=None, history=h, capacity=obs.host.capacity,
-                          entitlement=step.entitlement, period=obs.interval)
-        credit = combined_credit(credits(inp, 10), 1.0)
+        credit = step.allocation.diagnostics["combined_credit"]  # NaN for a policy without credits
         for gone in self._known - set(names):  # a VM that left: drop its series
             for g in (self.usage, self.forecast, self.allocation, self.error):
                 for res in RESOURCES:
@@ -166,7 +162,8 @@ class Metrics:
                              (self.error, abs(obs.usage[i, res] - fc_now[i, res]))):
                     if np.isfinite(v):
                         g.labels(name, res.label).set(float(v))
-            self.credit.labels(name).set(float(credit[i]))
+            if np.isfinite(credit[i]):
+                self.credit.labels(name).set(float(credit[i]))
             if np.isfinite(step.plan.controls.balloon[i]):
                 self.balloon.labels(name).set(float(step.plan.controls.balloon[i]))
         for kind, n in step.result.applied.items():

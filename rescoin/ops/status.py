@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 
 from rescoin.ops.paths import PathError, PathLock, reason
-from rescoin.core.policies.base import PolicyInput
-from rescoin.core.policies.rescoin import combined_credit, credits
 from rescoin.core.resources import RESOURCES, UNITS
 
 log = logging.getLogger("rescoin.ops.status")
@@ -37,9 +35,7 @@ def snapshot(daemon, step) -> dict:
     """Per VM: usage, forecast, allocation, credit, last actions, agent health; per host: capacity, contention."""
     obs, h = step.obs, daemon.history
     cap = obs.host.capacity
-    inp = PolicyInput(obs=obs, forecast=None, history=h, capacity=cap, entitlement=step.entitlement,
-                      period=obs.interval)
-    credit = combined_credit(credits(inp, 10), 1.0)
+    credit = step.allocation.diagnostics["combined_credit"]  # the policy's own; NaN (None) without credits
     fc = step.forecast.value if step.forecast is not None else np.full_like(obs.usage, np.nan)
     done = step.result.actions  # None: the host does not say (simulated): every planned change took effect
     vms = []

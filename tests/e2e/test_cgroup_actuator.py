@@ -24,7 +24,7 @@ from rescoin.hosts.actuators import quota_us  # noqa: E402
 from rescoin.hosts.cgroupfs import CgroupActuator, cpulist  # noqa: E402
 from rescoin.hosts.libvirt import LibvirtHost, _cpumap  # noqa: E402
 from rescoin.core.loop import ControlLoop  # noqa: E402
-from rescoin.core.policies import make_policy  # noqa: E402
+from rescoin.core.registry import build, make_policy  # noqa: E402
 
 URI = "qemu:///system"
 NAME = "rescoin-cg-0"
@@ -136,7 +136,7 @@ def test_control_loop_through_cgroups_writes_what_the_plan_decided(guest):
     dom.setBlkioParameters({"weight": 10}, live)
     host = LibvirtHost(URI, actuator=CgroupActuator(), managed=lambda u, n: n == NAME)
     try:
-        loop = ControlLoop(host, make_policy("rescoin"), period=1.0)
+        loop = ControlLoop(host, build("rescoin"), period=1.0)
         pcpus = host.capacity.pcpus
         seen = {"shares": 0, "blkio": 0, "pin": 0}
         for _ in range(3):

@@ -183,10 +183,10 @@ def test_history_on_a_disk_turned_read_only_is_retried(tmp_path, caplog):
     from rescoin.offline.historycsv import HistoryWriter
     from rescoin.hosts.sim import SimHost
     from rescoin.core.loop import ControlLoop
-    from rescoin.core.policies import make_policy
+    from rescoin.core.registry import build
     from rescoin.offline.traces import load_trace, sample_trace_path
 
-    loop = ControlLoop(SimHost(load_trace(sample_trace_path(), vms=2, days=0.1)), make_policy("static"))
+    loop = ControlLoop(SimHost(load_trace(sample_trace_path(), vms=2, days=0.1)), build("static"))
     steps = list(loop.steps(4))
     with tmpfs(tmp_path / "hist") as hist:
         w = HistoryWriter(hist, "h")

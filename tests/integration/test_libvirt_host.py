@@ -24,7 +24,7 @@ from rescoin.hosts.config import HostConfig  # noqa: E402
 from rescoin.hosts.libvirt import HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
 from rescoin.core.loop import ControlLoop  # noqa: E402
 from rescoin.core.model import Allocation  # noqa: E402
-from rescoin.core.policies import make_policy  # noqa: E402
+from rescoin.core.registry import build  # noqa: E402
 
 EXTRA = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memory>
 <currentMemory unit='MiB'>1024</currentMemory><vcpu>{vcpus}</vcpu>
@@ -63,7 +63,7 @@ def test_one_bulk_stats_call_per_period_and_none_per_vm(host):
 
 
 def test_loop_applies_actions_read_back_from_libvirt(host):
-    loop = ControlLoop(host, make_policy("rescoin"), period=1.0)
+    loop = ControlLoop(host, build("rescoin"), period=1.0)
     step = loop.step()
     dom = host.lv.connect().lookupByName("test")
     assert step.result.failed == {}
@@ -117,7 +117,7 @@ def test_pin_then_float_again_is_applied_and_read_back(host):
     assert ctl.pins.tolist() == [1, -1] and ctl.pin_width == width
 
 def test_vm_appearing_and_vanishing_is_followed_next_period(host):
-    loop = ControlLoop(host, make_policy("rescoin"), period=1.0)
+    loop = ControlLoop(host, build("rescoin"), period=1.0)
     loop.step()
     dom = add_vm(host, "extra", vcpus=3)
     step = loop.step()
@@ -132,7 +132,7 @@ def test_vm_appearing_and_vanishing_is_followed_next_period(host):
 def test_vm_vanishing_between_observe_and_apply_is_survived(host):
     host.observe()
     dom = add_vm(host, "short-lived")
-    loop = ControlLoop(host, make_policy("static"), period=1.0)
+    loop = ControlLoop(host, build("static"), period=1.0)
     obs = host.observe()
     assert "short-lived" in obs.vms.names.tolist()
     dom.destroy()
@@ -168,7 +168,7 @@ def test_restore_puts_back_original_settings(host):
     dom = host.lv.connect().lookupByName("test")
     dom.setBlkioParameters({"weight": 500}, 0)
     before = (dom.blkioParameters()["weight"], [tuple(p) for p in dom.vcpuPinInfo(0)], dom.info()[2])
-    loop = ControlLoop(host, make_policy("rescoin"), period=1.0)
+    loop = ControlLoop(host, build("rescoin"), period=1.0)
     loop.step()
     dom.setMemoryFlags(before[2] - 4096, 0)  # and a balloon change, as a later period would make
     changed = (dom.blkioParameters()["weight"], [tuple(p) for p in dom.vcpuPinInfo(0)], dom.info()[2])
@@ -189,7 +189,7 @@ def test_dry_run_host_applies_nothing(host, capsys):
     from rescoin.hosts.dryrun import DryRunHost
 
     dry = DryRunHost(host, Console(file=None, force_terminal=False))
-    loop = ControlLoop(dry, make_policy("rescoin"), period=1.0)
+    loop = ControlLoop(dry, build("rescoin"), period=1.0)
     step = loop.step()
     dom = host.lv.connect().lookupByName("test")
     assert step.plan.changed["blkio"][0] and step.plan.changed["pin"].any()
@@ -308,7 +308,7 @@ def test_key_file_set_virtio_agent_still_answers(agent_vm):
 
 def test_agent_values_beyond_the_vm_size_are_no_agent_data(agent_vm, caplog):
     host = agent_vm({"total_kib": 10**18, "available_kib": 1024})  # MemTotal 1e18 KiB in a 1 GiB VM
-    loop = ControlLoop(host, make_policy("rescoin"), period=1.0)
+    loop = ControlLoop(host, build("rescoin"), period=1.0)
     with caplog.at_level(logging.WARNING, "rescoin.libvirt"):
         steps = [loop.step() for _ in range(3)]
     for step in steps:
@@ -326,7 +326,7 @@ def test_per_vm_max_memory_below_use_keeps_the_floor(caplog):
     # 64 MiB limit for a guest holding 2048 MiB whose use the host cannot see: nothing is reclaimed
     cfg = parse("[vm.test]\nmax_memory_mib = 64\n")
     h = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0), vm_config=cfg.for_vm)
-    loop = ControlLoop(h, make_policy("rescoin"), period=1.0)
+    loop = ControlLoop(h, build("rescoin"), period=1.0)
     dom = h.lv.connect().lookupByName("test")
     before = dom.info()[2]
     with caplog.at_level(logging.WARNING):
@@ -374,7 +374,7 @@ def test_restore_goes_through_the_hosts_actuator():
         dom = h.lv.connect().lookupByName("test")
         dom.setBlkioParameters({"weight": 500}, 0)
         before = (dom.blkioParameters()["weight"], [tuple(p) for p in dom.vcpuPinInfo(0)])
-        ControlLoop(h, make_policy("rescoin"), period=1.0).step()
+        ControlLoop(h, build("rescoin"), period=1.0).step()
         assert dom.blkioParameters()["weight"] != 500
         act.made.clear()
         assert h.restore() == 1

@@ -384,7 +384,7 @@ def test_libvirt_host_applies_through_cgroups_and_survives_a_vanished_vm(tmp_pat
     from rescoin.hosts.config import HostConfig
     from rescoin.hosts.libvirt import LibvirtHost, _cpumap
     from rescoin.core.loop import ControlLoop
-    from rescoin.core.policies import make_policy
+    from rescoin.core.registry import build, make_policy
 
     fake = Fake(tmp_path, 1)
     fake.vm_v1(name="test", vm_dir="machine/qemu-1-test.libvirt-qemu", vcpus=2)
@@ -393,7 +393,7 @@ def test_libvirt_host_applies_through_cgroups_and_survives_a_vanished_vm(tmp_pat
     act = fake.actuator()
     host = LibvirtHost("test:///default", config=HostConfig(reserve_mib=0.0), actuator=act)
     try:
-        step = ControlLoop(host, make_policy("rescoin"), period=1.0).step()
+        step = ControlLoop(host, build("rescoin"), period=1.0).step()
         plan = step.plan
         assert step.result.failed == {}, step.result.errors
         assert plan.changed["shares"][0] and step.result.applied["shares"] == 1

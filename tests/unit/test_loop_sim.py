@@ -11,7 +11,7 @@ from rescoin.offline.evaluate import jain
 from rescoin.hosts.sim import SimHost
 from rescoin.core.loop import ControlLoop, run_daemon
 from rescoin.core.model import Controls
-from rescoin.core.policies import POLICIES, make_policy
+from rescoin.core.registry import POLICIES, build, make_policy
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
 from rescoin.offline.simulate import SimSettings, build_loop, run_policy
 
@@ -385,7 +385,7 @@ class Flaky:
 
 def test_daemon_goes_on_after_a_failing_step(kit, caplog):
     host = Flaky(SimHost(mixed_trace(kit, periods=8, n=2)), fail_at=2)
-    loop = ControlLoop(host, make_policy("rescoin"), period=300.0)
+    loop = ControlLoop(host, build("rescoin"), period=300.0)
     taken = run_daemon(loop, 300.0, threading.Event(), speed=0, max_steps=3)
     assert taken == 3
     assert host.calls == 4
@@ -393,7 +393,7 @@ def test_daemon_goes_on_after_a_failing_step(kit, caplog):
 
 
 def test_daemon_stops_at_end_of_replay(kit):
-    loop = ControlLoop(SimHost(mixed_trace(kit, periods=3, n=2)), make_policy("static"), period=300.0)
+    loop = ControlLoop(SimHost(mixed_trace(kit, periods=3, n=2)), build("static"), period=300.0)
     seen = []
     assert run_daemon(loop, 300.0, threading.Event(), on_step=seen.append, speed=0) == 3
     assert len(seen) == 3
@@ -419,3 +419,46 @@ def test_starving_guest_balloon_grows_within_two_periods(kit, jump_to):
             fed_at = t
     assert starved_at == 25, "the jump is unforeseeable: the guest starves when it happens"
     assert fed_at is not None and fed_at - starved_at <= 2, (starved_at, fed_at)
+
+
+def test_credit_is_the_policys_own_and_nan_without_credits(kit):
+    """Reporters read the credit the policy computed (its window and norm); drf has none (NaN)."""
+    from rescoin.core.policies.rescoin import combined_credit, credits
+    from rescoin.core.registry import build
+
+    for name, window, norm in (("rescoin", 3, 2.0), ("drf", None, None)):
+        parts = build(name)
+        if window is not None:
+            parts.policy.window, parts.policy.norm = window, norm
+        loop = ControlLoop(SimHost(mixed_trace(kit, periods=6, n=3)), parts, period=300.0)
+        differs = False
+        for step in loop.steps(6):
+            d = step.allocation.diagnostics
+            assert d["credit"].shape == (step.obs.n, N_RES) and d["combined_credit"].shape == (step.obs.n,)
+            np.testing.assert_array_equal(loop.history.latest("credit"), d["credit"])
+            if window is None:
+                assert np.isnan(d["credit"]).all() and np.isnan(d["combined_credit"]).all()
+            else:
+                from rescoin.core.policies import PolicyInput
+                inp = PolicyInput(obs=step.obs, forecast=None, history=loop.history, capacity=step.obs.host.capacity,
+                                  entitlement=step.entitlement, period=300.0)
+                np.testing.assert_allclose(d["credit"], credits(inp, window))
+                np.testing.assert_allclose(d["combined_credit"], combined_credit(credits(inp, window), norm))
+                differs |= not np.allclose(d["combined_credit"], combined_credit(credits(inp, 10), 1.0))
+        assert differs == (window is not None)  # not the reporters' old window 10 and norm 1
+
+
+def test_only_a_policy_that_declares_it_sees_the_truth(kit):
+    """The loop hides truth and truth_next from every policy but one with needs_truth (the oracle)."""
+    from rescoin.core.registry import build
+
+    for name in POLICIES:
+        parts = build(name)
+        seen = []
+        inner = parts.policy.allocate
+        parts.policy.allocate = lambda inp, _f=inner: (seen.append(inp.obs), _f(inp))[1]
+        loop = ControlLoop(SimHost(mixed_trace(kit, periods=3, n=2)), parts, period=300.0)
+        steps = list(loop.steps(3))
+        assert steps[0].obs.truth is not None  # the step (metrics) still has it
+        blind = [o.truth is None and o.truth_next is None for o in seen]
+        assert all(blind) != parts.policy.needs_truth, name

@@ -20,7 +20,7 @@ from rescoin.ops.config import ConfigError
 from rescoin.hosts.sim import SimHost
 from rescoin.core.loop import ControlLoop
 from rescoin.ops.metrics import MAX_CONNECTIONS, Metrics
-from rescoin.core.policies import make_policy
+from rescoin.core.registry import build, make_policy
 from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES
 
 NAN = float("nan")
@@ -50,7 +50,7 @@ def sim_loop(kit, periods: int = 6, presence=None):
     demand[:, :, MEMORY] = rng.uniform(200, 900, (periods, 3))
     sizes = np.array([[2.0, 1024.0, NAN, NAN]] * 3)
     host = SimHost(kit.trace(demand, sizes), overcommit=1.5, presence=presence)
-    loop = ControlLoop(host, make_policy("rescoin"), period=300.0)
+    loop = ControlLoop(host, build("rescoin"), period=300.0)
     return loop, SimpleNamespace(history=loop.history, host=host)  # what Metrics.update reads of the daemon
 
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from rescoin.core.history import History
 from rescoin.core.model import Forecast
 from rescoin.core.placement import BalancePlacement, KvmSchedulingPlacement, VmBalancerPlacement, group_load, make_placement
-from rescoin.core.policies import POLICIES, entitlement, make_policy
+from rescoin.core.policies import entitlement
+from rescoin.core.registry import POLICIES, build, make_policy
 from rescoin.core.policies.peers import MomPolicy, drf_fill
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
 
@@ -98,7 +99,7 @@ def scenarios(draw, n=None):
 
 def make_input(kit, policy, sc):
     vms = kit.vms(sc["sizes"].shape[0], sizes=sc["sizes"])
-    return kit.input(vms, sc["usages"], sc["cap"], signals=sc["signals"], predictor=policy.predictor,
+    return kit.input(vms, sc["usages"], sc["cap"], signals=sc["signals"], predictor=build(policy.name).predictor,
                      truth_next=sc["truth_next"], balloon=sc["balloon"])
 
 

@@ -47,10 +47,10 @@ class PolicyInput:
 
 
 class Policy(Protocol):
+    """Its predictor and placement are wired by ``rescoin.core.registry``."""
+
     name: str
-    predictor: str  # which predictor feeds it: "default", "ewma", "last" or "none"
-    placement: str  # vCPU placement it uses: "none", "balance", "vm-balancer", "kvmscheduling"
-    needs_truth: bool
+    needs_truth: bool  # only such a policy (the oracle) is shown the true demand; the loop enforces it
 
     def allocate(self, inp: PolicyInput) -> Allocation: ...
 

@@ -22,8 +22,6 @@ class StaticPolicy:
     """A host without rescoin: every VM gets its entitlement, never changed."""
 
     name: str = "static"
-    predictor: str = "none"
-    placement: str = "none"
     needs_truth: bool = False
 
     def allocate(self, inp: PolicyInput) -> Allocation:
@@ -74,8 +72,6 @@ class DRFPolicy:
     """Weighted DRF on the forecasts; weights are the VMs' configured weights."""
 
     name: str = "drf"
-    predictor: str = "default"
-    placement: str = "none"
     needs_truth: bool = False
 
     def allocate(self, inp: PolicyInput) -> Allocation:
@@ -96,8 +92,6 @@ class MomPolicy:
     """
 
     name: str = "mom"
-    predictor: str = "last"
-    placement: str = "none"
     needs_truth: bool = False
     pressure_threshold: float = 0.20
     guest_free: float = 0.20
@@ -134,8 +128,6 @@ class OraclePolicy:
     """
 
     name: str = "oracle"
-    predictor: str = "none"
-    placement: str = "none"
     needs_truth: bool = True
 
     def allocate(self, inp: PolicyInput) -> Allocation:

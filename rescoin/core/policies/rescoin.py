@@ -8,7 +8,7 @@ shared in proportion to entitlement, so the host is never left idle.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,8 +39,6 @@ def combined_credit(ac: np.ndarray, norm: float) -> np.ndarray:
 @dataclass
 class RescoinPolicy:
     name: str = "rescoin"
-    predictor: str = "default"
-    placement: str = "balance"
     needs_truth: bool = False
     window: int = 10  # k: credit window in periods
     norm: float = 1.0  # how resources combine into one credit
@@ -56,7 +54,9 @@ class RescoinPolicy:
         est = np.maximum(fillnan(inp.estimate(), 0.0), 0.0)
         base = np.minimum(est, tc)
         excess = est - base
-        credit = np.maximum(combined_credit(credits(inp, self.window), self.norm), 0.0)
+        ac = credits(inp, self.window)
+        combined = combined_credit(ac, self.norm)
+        credit = np.maximum(combined, 0.0)
         weight = np.broadcast_to(credit[:, None], est.shape).copy()
         # with no coins anywhere, weight the excess by entitlement instead
         no_coins = weight.sum(axis=0) <= 0
@@ -72,7 +72,7 @@ class RescoinPolicy:
         caps[NET] = self.cap_net and contended[NET] and self.starved_below_entitlement(inp, NET)
         caps[DISK] = self.cap_disk and contended[DISK] and self.starved_below_entitlement(inp, DISK)
         caps &= managed(cap)
-        return finish(alloc, cap, caps)
+        return replace(finish(alloc, cap, caps), diagnostics={"credit": ac, "combined_credit": combined})
 
     def starved_below_entitlement(self, inp: PolicyInput, r: int) -> bool:
         """Does any VM using less than its entitlement of ``r`` show unmet demand?"""
@@ -92,8 +92,6 @@ class RescoinPaperPolicy:
     """
 
     name: str = "rescoin-paper"
-    predictor: str = "ewma"
-    placement: str = "none"
     needs_truth: bool = False
     window: int = 10
 
@@ -102,7 +100,8 @@ class RescoinPaperPolicy:
         tc = fillnan(inp.entitlement, 0.0)
         est = np.maximum(fillnan(inp.estimate(), 0.0), 0.0)
         contention = (est.sum(axis=0) > cap) | (est > tc).any(axis=0)
-        ac = np.maximum(credits(inp, self.window), 0.0)
+        raw = credits(inp, self.window)
+        ac = np.maximum(raw, 0.0)
         total = ac.sum(axis=0)
         n = max(inp.n, 1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -110,4 +109,6 @@ class RescoinPaperPolicy:
         base = np.minimum(est, tc)
         c_e = np.maximum(cap - base.sum(axis=0), 0.0)
         alloc = np.where(contention, base + wr * c_e, est)
-        return finish(fit_to_capacity(alloc, cap), inp.capacity)
+        out = finish(fit_to_capacity(alloc, cap), inp.capacity)
+        # the paper weighs each resource by its own credit; the combined one is reported with norm 1
+        return replace(out, diagnostics={"credit": raw, "combined_credit": combined_credit(raw, 1.0)})

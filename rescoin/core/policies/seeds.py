@@ -40,8 +40,6 @@ class VmBalancerPolicy:
     """vm-balancer: reclaim half of what is usable above 256 MiB; feed guests under 128 MiB."""
 
     name: str = "vm-balancer"
-    predictor: str = "last"
-    placement: str = "vm-balancer"
     needs_truth: bool = False
     keep: float = 256.0
     starving: float = 128.0
@@ -70,8 +68,6 @@ class KvmSchedulingPolicy:
     """
 
     name: str = "kvmscheduling"
-    predictor: str = "last"
-    placement: str = "kvmscheduling"
     needs_truth: bool = False
     starved_below: float = 150.0
     wasteful_above: float = 300.0
