@@ -14,6 +14,7 @@ import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
@@ -73,6 +74,10 @@ def _finite(v: int | float) -> bool:
         return False
 
 
+#: the parameters that may differ per history row (per VM, or per fit candidate); the season may not
+ROW_PARAMS = ("alpha_up", "alpha_down", "pad_error", "pad_std", "pad_beta", "pad_frac", "growth", "threshold",
+              "hold_last", "max_growth")
+
 #: ResCoin's smoothing factors (cpu 0.7, memory 0.8, disk 0.8); net follows disk
 RESCOIN_ALPHA = {Resource.CPU: 0.7, Resource.MEMORY: 0.8, Resource.DISK: 0.8, Resource.NET: 0.8}
 
@@ -100,11 +105,6 @@ class PaddedEWMA:
     plain EWMA of the ResCoin prototype.
     """
 
-    #: array attribute -> parameter; per-resource ``(N_RES,)`` columns (the fit sets ``(rows, N_RES)`` ones)
-    _ARRAYS = {"_up": "alpha_up", "_down": "alpha_down", "_pad_err": "pad_error", "_pad_std": "pad_std",
-               "_beta": "pad_beta", "_pad_frac": "pad_frac", "_growth": "growth", "_thr": "threshold",
-               "_hold": "hold_last", "_max_growth": "max_growth"}
-
     def __init__(self, params: dict[Resource, PredictorParams], name: str = "fusd",
                  per_vm: dict[str, dict[Resource, PredictorParams]] | None = None) -> None:
         self.name = name
@@ -119,15 +119,39 @@ class PaddedEWMA:
                 if p.season != self.params[r].season:
                     raise ValueError(f"{name}.vm.{key}.{r.label}.season: the season cannot differ per VM")
         self._rows_for: tuple = (None, None)
-        for attr, param in self._ARRAYS.items():
-            setattr(self, attr, np.array([getattr(self.params[r], param) for r in RESOURCES], dtype=float))
+        self._fixed_rows: dict[str, np.ndarray] | None = None
+        #: parameter -> ``(N_RES,)`` column; broadcasts over the history's rows
+        self._columns = {n: np.array([getattr(self.params[r], n) for r in RESOURCES], dtype=float)
+                         for n in ROW_PARAMS}
         self._season = int(max(p.season for p in self.params.values()))
         self._seasonal = np.array([self.params[r].season > 0 for r in RESOURCES])
         self._key = f"predict.{name}."
 
+    @classmethod
+    def from_rows(cls, params: dict[Resource, PredictorParams], rows: Mapping[str, np.ndarray],
+                  name: str = "rows") -> PaddedEWMA:
+        """A predictor whose history row i uses ``rows[p][i]`` for parameter ``p`` (each ``(n_rows, N_RES)``).
+
+        Parameters not in ``rows`` come from ``params``. The fit replays many candidate parameter sets at
+        once this way: row block k of the replayed rows is candidate k. The caller gives valid values
+        (a candidate grid inside PredictorParams' ranges); the rows' count must be the history's.
+        """
+        pred = cls(params, name)
+        bad = set(rows) - set(ROW_PARAMS)
+        if bad:
+            raise ValueError(f"{name}: {sorted(bad)} cannot differ per row; allowed: {list(ROW_PARAMS)}")
+        fixed = {n: np.ascontiguousarray(a, dtype=float) for n, a in rows.items()}
+        shapes = {a.shape for a in fixed.values()}
+        if len(shapes) > 1 or any(len(sh) != 2 or sh[1] != N_RES for sh in shapes):
+            raise ValueError(f"{name}: per-row parameters must all be (n_rows, {N_RES}) arrays, got {shapes}")
+        pred._fixed_rows = {**pred._columns, **fixed}
+        return pred
+
     def _per_row(self, history: History) -> dict[str, np.ndarray]:
         """This period's parameter arrays: the columns, or rows where a VM has its own parameters."""
-        cols = {attr: getattr(self, attr) for attr in self._ARRAYS}
+        if self._fixed_rows is not None:
+            return self._fixed_rows
+        cols = self._columns
         vms = history.vms
         if not self.per_vm or vms is None:
             return cols
@@ -136,12 +160,12 @@ class PaddedEWMA:
         if last is not None and (last is vms or (np.array_equal(last.uuids, vms.uuids)
                                                  and np.array_equal(last.names, vms.names))):
             return self._rows_for[1]
-        rows = {attr: np.broadcast_to(c, (vms.n, N_RES)).copy() for attr, c in cols.items()}
+        rows = {n: np.broadcast_to(c, (vms.n, N_RES)).copy() for n, c in cols.items()}
         for i, (uuid, name) in enumerate(zip(vms.uuids.tolist(), vms.names.tolist())):
             own = self.per_vm.get(uuid) or self.per_vm.get(name) or {}
             for r, params in own.items():
-                for attr, param in self._ARRAYS.items():
-                    rows[attr][i, int(r)] = getattr(params, param)
+                for n in ROW_PARAMS:
+                    rows[n][i, int(r)] = getattr(params, n)
         self._rows_for = (vms, rows)
         return rows
 
@@ -159,28 +183,28 @@ class PaddedEWMA:
         fresh = seen & np.isnan(level)
         level[fresh] = x[fresh]
         dev = np.where(seen, x - level, 0.0)
-        alpha = np.where(dev > 0, p["_up"], p["_down"])
+        alpha = np.where(dev > 0, p["alpha_up"], p["alpha_down"])
         # trackers see the deviation before the level moves
         under = np.where(seen & ~np.isnan(prev_value), np.maximum(x - prev_value, 0.0), 0.0)
-        err += p["_beta"] * (under - err)
-        var += p["_beta"] * (dev * dev - var)
+        err += p["pad_beta"] * (under - err)
+        var += p["pad_beta"] * (dev * dev - var)
         level += alpha * dev
 
         # grow only where the allocation is what holds the VM back (usage at it, or unknown):
         # pressure from a contended host does not go away by asking for more
         alloc = history.latest("allocation")
         bound = ~(x < 0.9 * alloc)  # NaN (unknown) counts as bound
-        on = (fillnan(sig, 0.0) > p["_thr"]) & bound
-        grown = np.minimum(corr * p["_growth"], p["_max_growth"])
+        on = (fillnan(sig, 0.0) > p["threshold"]) & bound
+        grown = np.minimum(corr * p["growth"], p["max_growth"])
         relaxed = np.maximum(1.0, np.sqrt(corr))
         corr[...] = np.where(on, grown, relaxed)
 
-        pad = np.maximum(p["_pad_err"] * err, p["_pad_std"] * np.sqrt(var))
+        pad = np.maximum(p["pad_error"] * err, p["pad_std"] * np.sqrt(var))
         point = level.copy()
-        held = level + p["_hold"] * np.maximum(np.where(seen, x, level) - level, 0.0)
-        value = held * corr * (1.0 + p["_pad_frac"]) + pad
+        held = level + p["hold_last"] * np.maximum(np.where(seen, x, level) - level, 0.0)
+        value = held * corr * (1.0 + p["pad_frac"]) + pad
         if self._season:
-            value = self._seasonal_floor(history, x, value, p["_pad_frac"])
+            value = self._seasonal_floor(history, x, value, p["pad_frac"])
         prev_value[...] = value
         return Forecast(point=point, value=value)
 
@@ -274,6 +298,6 @@ def make_predictor(name: str) -> Predictor | None:
 
 
 __all__ = [
-    "N_RES", "Predictor", "PredictorParams", "PaddedEWMA", "LastValue", "ewma",
+    "N_RES", "ROW_PARAMS", "Predictor", "PredictorParams", "PaddedEWMA", "LastValue", "ewma",
     "load_model", "default_predictor", "make_predictor",
 ]

@@ -18,11 +18,8 @@ model. The first part of each VM's series is used for fitting; the last
 data the search never saw.
 
 Candidates run side by side as rows: row block k of the replayed rows is
-candidate k. PaddedEWMA keeps its parameters as per-resource arrays that
-broadcast over rows, so the fit gives each row block its own parameters. A
-self-check at start-up compares that with plain, unmodified PaddedEWMA
-replays; if PaddedEWMA's internals change and they differ, the fit falls back
-to replaying one candidate at a time (slower, same answer).
+candidate k, built with :meth:`PaddedEWMA.from_rows`, the predictor's public
+constructor for per-row parameters.
 """
 from __future__ import annotations
 
@@ -49,9 +46,6 @@ from rescoin.core.predict import MODELS_DIR, PaddedEWMA, PredictorParams, load_m
 from rescoin.core.resources import N_RES, RESOURCES, HostCapacity, Resource
 
 FITTED = ("alpha_up", "alpha_down", "pad_error", "pad_std", "pad_frac")
-#: PaddedEWMA's per-resource arrays of the fitted parameters (see the module docstring)
-_ATTRS = {"alpha_up": "_up", "alpha_down": "_down", "pad_error": "_pad_err", "pad_std": "_pad_std",
-          "pad_frac": "_pad_frac"}
 GRID: dict[str, tuple[float, ...]] = {
     "alpha_up": (0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0),
     "alpha_down": (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
@@ -199,45 +193,9 @@ def replay(pred: PaddedEWMA, s: Series, part: np.ndarray, k: int = 1,
     return Sums(acc[0].reshape(shape), acc[1].reshape(shape), acc[2].reshape(shape))
 
 
-def _batched(base: dict[Resource, PredictorParams], rows: dict[str, np.ndarray]) -> PaddedEWMA:
-    """A PaddedEWMA whose fitted parameters differ per row: ``rows[name]`` is ``(n_rows, N_RES)``."""
-    pred = PaddedEWMA(base, name="fit")
-    for name, attr in _ATTRS.items():
-        current = getattr(pred, attr)
-        if np.shape(current) != (N_RES,):
-            raise AttributeError(f"PaddedEWMA.{attr} is not a per-resource array")
-        setattr(pred, attr, np.ascontiguousarray(rows[name], dtype=float))
-    return pred
-
-
 def _params_for(base: dict[Resource, PredictorParams], values: dict[str, np.ndarray]) -> dict[Resource, PredictorParams]:
     """Per-resource parameters with the fitted ones from ``values[name]`` (each ``(N_RES,)``)."""
     return {r: replace(base[r], **{n: float(values[n][int(r)]) for n in FITTED}) for r in RESOURCES}
-
-
-def batching_works(base: dict[Resource, PredictorParams]) -> bool:
-    """Does giving PaddedEWMA per-row parameters give the same forecasts as separate plain replays?"""
-    rng = np.random.default_rng(7)
-    T, V = 40, 3
-    usage = np.abs(rng.normal(5, 2, (T, V, N_RES))) * (rng.random((T, V, N_RES)) > 0.05)
-    signal = np.where(rng.random((T, V, N_RES)) > 0.8, rng.random((T, V, N_RES)) * 0.3, 0.0)
-    usage[5, 1] = np.nan
-    s = Series(ts=np.arange(T) * 300.0, uuids=np.array(["a", "b", "c"]), names=np.array(["a", "b", "c"]),
-               usage=usage, signal=signal, period=300.0)
-    p = parts(s, 0.25)
-    cands = [{"alpha_up": 0.3, "alpha_down": 0.1, "pad_error": 1.0, "pad_std": 2.0, "pad_frac": 0.1},
-             {"alpha_up": 0.9, "alpha_down": 0.5, "pad_error": 0.0, "pad_std": 0.5, "pad_frac": 0.0}]
-    try:
-        rows = {n: np.repeat(np.array([[c[n]] * N_RES for c in cands]), V, axis=0) for n in FITTED}
-        both = replay(_batched(base, rows), s, p, k=len(cands))
-    except (AttributeError, ValueError, TypeError):
-        return False
-    for i, c in enumerate(cands):
-        one = replay(PaddedEWMA(_params_for(base, {n: np.full(N_RES, c[n]) for n in FITTED})), s, p)
-        if not (np.allclose(both.under[i], one.under[0], equal_nan=True)
-                and np.allclose(both.over[i], one.over[0], equal_nan=True)):
-            return False
-    return True
 
 
 # -- search ----------------------------------------------------------------------------------
@@ -251,7 +209,6 @@ class FitResult:
     fitted_sums: Sums
     per_vm_sums: Sums | None
     candidates: int
-    batched: bool
     fitted_resources: list[str]  # resources with data (others keep the base)
 
 
@@ -260,19 +217,14 @@ def _stage_grid(name: str, current: np.ndarray) -> list[float]:
 
 
 def fit(s: Series, base: dict[Resource, PredictorParams], w_under: float = 4.0, holdout: float = 0.25,
-        per_vm: bool = False, rounds: int = 2, progress: Callable[[str, int], Callable[[], None]] | None = None,
-        batched: bool | None = None) -> FitResult:
+        per_vm: bool = False, rounds: int = 2,
+        progress: Callable[[str, int], Callable[[], None]] | None = None) -> FitResult:
     """Coordinate search of the fitted parameters, per resource (and per VM with ``per_vm``).
 
     ``progress(description, total_steps)`` returns a tick function called once per replayed period.
     """
     T, V = s.shape
     part = parts(s, holdout)
-    if batched is None:
-        batched = batching_works(base)
-    if per_vm and not batched:
-        raise ValueError("--per-vm needs per-row parameters in PaddedEWMA, which its current version does not "
-                         "allow; fit without --per-vm")
     # current best: shared (per resource) and per VM, as (V, N_RES) arrays per parameter
     shared = {n: np.tile([getattr(base[r], n) for r in RESOURCES], (V, 1)).astype(float) for n in FITTED}
     own = {n: a.copy() for n, a in shared.items()}
@@ -305,17 +257,8 @@ def fit(s: Series, base: dict[Resource, PredictorParams], w_under: float = 4.0, 
                 rows[n] = np.concatenate(per_block).reshape(-1, N_RES)
             k_all = K * len(blocks)
             label = f"round {rnd + 1}/{rounds}: {' x '.join(stage)} ({K} candidates)"
-            if batched:
-                tick = progress(label, T) if progress else None
-                sums = replay(_batched(base, rows), s, part, k=k_all, tick=tick)
-            else:
-                tick = progress(label, T * k_all) if progress else None
-                outs = []
-                for b in range(k_all):
-                    rb = {n: rows[n][b * V:(b + 1) * V] for n in FITTED}
-                    outs.append(replay(PaddedEWMA(_params_for(base, {n: rb[n][0] for n in FITTED})), s, part,
-                                       tick=tick))
-                sums = Sums(*(np.concatenate([getattr(o, a) for o in outs]) for a in ("under", "over", "usage")))
+            tick = progress(label, T) if progress else None
+            sums = replay(PaddedEWMA.from_rows(base, rows, "fit"), s, part, k=k_all, tick=tick)
             fitpart = sums.part(FIT)
             shared_loss = fitpart.loss(w_under, axis=1)[:K]  # (K, N_RES), summed over VMs
             best = np.nanargmin(np.where(np.isnan(shared_loss), np.inf, shared_loss), axis=0)
@@ -341,7 +284,7 @@ def fit(s: Series, base: dict[Resource, PredictorParams], w_under: float = 4.0, 
     per_vm_sums = None
     if per_vm:
         tick = progress("per-VM check", T) if progress else None
-        per_vm_sums = replay(_batched(base, {n: own[n] for n in FITTED}), s, part, tick=tick)
+        per_vm_sums = replay(PaddedEWMA.from_rows(base, {n: own[n] for n in FITTED}, "fit"), s, part, tick=tick)
         own_l = per_vm_sums.part(FIT).loss(w_under)[0]
         shared_l = fitted_sums.part(FIT).loss(w_under)[0]
         for v in np.flatnonzero(eligible.any(axis=1)):
@@ -351,7 +294,7 @@ def fit(s: Series, base: dict[Resource, PredictorParams], w_under: float = 4.0, 
                     vm_params.setdefault(u, {})[r] = replace(fitted[r], **{n: float(own[n][v, r]) for n in FITTED})
                     vm_loss.setdefault(u, {})[r] = (float(own_l[v, r]), float(shared_l[v, r]))
     return FitResult(base=base, fitted=fitted, per_vm=vm_params, per_vm_loss=vm_loss, base_sums=base_sums,
-                     fitted_sums=fitted_sums, per_vm_sums=per_vm_sums, candidates=n_cands, batched=batched,
+                     fitted_sums=fitted_sums, per_vm_sums=per_vm_sums, candidates=n_cands,
                      fitted_resources=[r.label for r in RESOURCES if has_data[r]])
 
 
@@ -738,8 +681,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       rounds=args.rounds, progress=_progress_ticker(bar))
         except ValueError as e:
             raise UserError(str(e)) from None
-    if not res.batched:
-        err.print("note: PaddedEWMA's internals changed, so candidates were replayed one at a time", highlight=False)
     summ = summary(res, args.under_weight)
     out.print(f"{data.n:,} rows, {s.shape[1]} VMs, {s.shape[0]} periods of {s.period:g} s; "
               f"{res.candidates} candidates in {args.rounds} rounds", highlight=False)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rescoin.offline.fit import FIT, HELD, Series, batching_works, check_table, fit, main, parts, replay
+from rescoin.offline.fit import FIT, FITTED, HELD, Series, check_table, fit, main, parts, replay
 from rescoin.core.history import History
 from rescoin.offline.historycsv import HistoryWriter
 from rescoin.core.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
@@ -75,10 +75,26 @@ def test_parts_hold_back_the_end_of_each_series():
     assert (p[:, :, MEMORY] == 0).all()
 
 
-def test_batched_candidates_match_plain_replays():
-    """The fit gives each row block its own parameters; that must equal separate plain PaddedEWMA runs."""
-    assert batching_works(default_predictor().params)
-    assert batching_works(plain_base())
+@pytest.mark.parametrize("base", [default_predictor().params, plain_base()], ids=["default", "plain"])
+def test_candidates_as_row_blocks_match_plain_replays(base):
+    """The fit replays each candidate as a row block of one PaddedEWMA.from_rows: equal to separate runs."""
+    rng = np.random.default_rng(7)
+    T, V = 40, 3
+    usage = np.abs(rng.normal(5, 2, (T, V, N_RES))) * (rng.random((T, V, N_RES)) > 0.05)
+    signal = np.where(rng.random((T, V, N_RES)) > 0.8, rng.random((T, V, N_RES)) * 0.3, 0.0)
+    usage[5, 1] = np.nan
+    ids = np.array(["a", "b", "c"])
+    s = Series(ts=np.arange(T) * 300.0, uuids=ids, names=ids, usage=usage, signal=signal, period=300.0)
+    p = parts(s, 0.25)
+    cands = [{"alpha_up": 0.3, "alpha_down": 0.1, "pad_error": 1.0, "pad_std": 2.0, "pad_frac": 0.1},
+             {"alpha_up": 0.9, "alpha_down": 0.5, "pad_error": 0.0, "pad_std": 0.5, "pad_frac": 0.0}]
+    rows = {n: np.repeat(np.array([[c[n]] * N_RES for c in cands]), V, axis=0) for n in FITTED}
+    both = replay(PaddedEWMA.from_rows(base, rows), s, p, k=len(cands))
+    for i, c in enumerate(cands):
+        one = replay(PaddedEWMA({r: replace(base[r], **c) for r in RESOURCES}), s, p)
+        np.testing.assert_array_equal(both.under[i], one.under[0])
+        np.testing.assert_array_equal(both.over[i], one.over[0])
+    assert both.under[0].sum() != both.under[1].sum()  # the candidates really differ
 
 
 # -- the search -------------------------------------------------------------------------------------
@@ -105,13 +121,6 @@ def test_heavier_under_weight_gives_less_under_estimation():
     heavy = fit(s, plain_base(), w_under=8.0, holdout=0.0, rounds=1)
     under = lambda r: r.fitted_sums.part(FIT).ratio("under", axis=(0, 1))[CPU]
     assert under(heavy) < 0.7 * under(light)
-
-
-def test_fallback_without_batching_finds_the_same_parameters():
-    s = local_level(0.3, vms=3, periods=120)
-    a = fit(s, plain_base(), w_under=4.0, holdout=0.25, rounds=1, batched=True)
-    b = fit(s, plain_base(), w_under=4.0, holdout=0.25, rounds=1, batched=False)
-    assert a.fitted == b.fitted
 
 
 # -- the command ------------------------------------------------------------------------------------

@@ -365,3 +365,20 @@ def test_read_history_errors(tmp_path):
         read_history([tmp_path])  # a directory with no history files
     with pytest.raises(ValueError, match="nope.csv"):
         read_history([tmp_path / "nope.csv"])
+
+
+def test_read_history_skips_malformed_rows_and_counts_them(kit, tmp_path):
+    from rescoin.offline.historycsv import load_history
+
+    _run_and_write(kit, tmp_path, MIDNIGHT + 60, periods=3, n=2)
+    good = read_history([tmp_path])
+    path = next(tmp_path.glob("history-*.csv"))
+    with open(path, "a") as fh:
+        fh.write("1,2,3\n")  # wrong field count
+        fh.write(f"{MIDNIGHT + 9000},h,u9,n9,cpu,lots,1,1,1,0,0\n")  # a number that is not one
+        fh.write(f"{MIDNIGHT + 9000},h,u9,n9,gpu,1,1,1,1,0,0\n")  # no such resource
+    again = read_history([tmp_path])
+    assert list(again.columns) == CSV_COLUMNS and len(again) == len(good)
+    d = load_history([tmp_path])
+    assert dict(d.skipped[str(path)]) == {"wrong field count": 1, "non-numeric value": 1, "unknown resource": 1}
+    assert "skipped 3 malformed rows in 1 file" in d.skipped_message()

@@ -331,4 +331,22 @@ def test_per_vm_rows_are_reused_for_an_equal_vm_set_and_rebuilt_when_it_changes(
     assert p._per_row(h) is first
     h.push(kit.obs(kit.vms(2, uuids=["uuid-1", "uuid-0"]), np.zeros((2, N_RES)), cap))  # reordered
     again = p._per_row(h)
-    assert again is not first and again["_up"][:, CPU].tolist() == [1.0, 0.1]
+    assert again is not first and again["alpha_up"][:, CPU].tolist() == [1.0, 0.1]
+
+
+def test_from_rows_gives_each_row_its_own_parameters(kit):
+    # row 0 follows a jump at once, row 1 moves a tenth of the way: as two separate predictors would
+    base = {Resource.CPU: PredictorParams(alpha_up=0.5, alpha_down=0.5)}
+    rows = {"alpha_up": np.array([[1.0] * N_RES, [0.1] * N_RES])}
+    fcs = run(kit, PaddedEWMA.from_rows(base, rows), column([1.0, 5.0], n=2))
+    np.testing.assert_allclose(fcs[-1].point[:, CPU], [5.0, 1.4])
+
+
+@pytest.mark.parametrize("rows, words", [
+    ({"season": np.zeros((2, N_RES))}, "cannot differ per row"),
+    ({"alpha_up": np.ones((2, N_RES)), "pad_std": np.ones((3, N_RES))}, "must all be"),
+    ({"alpha_up": np.ones(N_RES)}, "must all be"),
+])
+def test_from_rows_refuses_rows_it_cannot_use(rows, words):
+    with pytest.raises(ValueError, match=words):
+        PaddedEWMA.from_rows({}, rows)
