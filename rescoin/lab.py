@@ -38,9 +38,9 @@ import sys
 import tempfile
 import time
 import uuid as uuidlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 from xml.sax.saxutils import escape, quoteattr
 
 from rescoin.shipped import GUEST_AGENT_DIR
@@ -262,7 +262,7 @@ def _modinfo(ko: bytes) -> dict[str, str]:
 def _read_module(path: Path) -> bytes:
     data = path.read_bytes()
     if path.name.endswith(".xz"):
-        import lzma     # not in every Python build; only needed for compressed modules
+        import lzma  # not in every Python build; only needed for compressed modules
 
         return lzma.decompress(data)
     if path.name.endswith(".gz"):
@@ -734,7 +734,7 @@ def agent_request(path: str | Path, op: str = "stats", timeout: float = 2.0, max
                         return reply
                 if len(buf) > max_bytes:
                     return None
-    except (OSError, socket.timeout):
+    except (TimeoutError, OSError):
         return None
     return None
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Sequence
+from datetime import UTC, datetime
 
 import numpy as np
 from rich import box
@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from rescoin.offline.evaluate import METRICS
 from rescoin.core.history import History
 from rescoin.core.loop import Step
 from rescoin.core.resources import CPU, MEMORY, RESOURCES, UNITS
+from rescoin.offline.evaluate import METRICS
 
 SHORT = {"satisfaction": "satisf", "violations": "viol", "worst_off": "worst", "fairness": "Jain",
          "breaches": "breach", "actuations_per_vm_hour": "act/VMh", "reclaimed": "reclaim",
@@ -179,7 +179,7 @@ class LiveView:
         self._last = 0.0
         self._live = Live(console=console, refresh_per_second=8, transient=False)
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         self._live.__enter__()
         return self
 
@@ -203,7 +203,7 @@ class LiveView:
         fc = step.forecast.value if step.forecast is not None else np.full_like(use, np.nan)
         alloc = step.allocation.amount
         target = step.plan.controls.balloon
-        when = datetime.fromtimestamp(obs.ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+        when = datetime.fromtimestamp(obs.ts, tz=UTC).strftime("%Y-%m-%d %H:%M")
         total_use = np.nansum(use, axis=0)
         head = "  ".join([f"[bold]{self.title}[/]", f"period {history.t}", when,
                           f"cpu {total_use[CPU]:.1f}/{cap[CPU]:.0f} cores",

@@ -129,11 +129,11 @@ def _overrides(cfg, args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rescoin.core.loop import HostUnavailableError
+    from rescoin.hosts.dryrun import DryRunHost
+    from rescoin.offline.traces import TraceError
     from rescoin.ops.config import ConfigError
     from rescoin.ops.daemon import Daemon
-    from rescoin.hosts.dryrun import DryRunHost
-    from rescoin.core.loop import HostUnavailableError
-    from rescoin.offline.traces import TraceError
 
     cfg = _run_config(args)
     console = Console(stderr=True)
@@ -225,12 +225,12 @@ def _demo_history_dir(given: str | None) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rescoin.offline.historycsv import HistoryWriter
-    from rescoin.hosts.sim import SimHost
     from rescoin.core.loop import ControlLoop, run_daemon
-    from rescoin.ops.paths import PathError
     from rescoin.core.registry import build
+    from rescoin.hosts.sim import SimHost
+    from rescoin.offline.historycsv import HistoryWriter
     from rescoin.offline.simulate import SimSettings, simulate
+    from rescoin.ops.paths import PathError
     from rescoin.view import LiveView, metric_tables, progress
 
     console = Console()
@@ -352,10 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new directory for the history CSV (default: a new ./rescoin-history-DATE-TIME)")
     d.set_defaults(func=cmd_demo)
 
-    from rescoin.offline.analysis import add_analyze_parser
-    from rescoin.ops.deploy import add_agent_parser
-    from rescoin.offline.fit import add_fit_parser
     from rescoin.lab import add_lab_parser
+    from rescoin.offline.analysis import add_analyze_parser
+    from rescoin.offline.fit import add_fit_parser
+    from rescoin.ops.deploy import add_agent_parser
 
     add_lab_parser(sub)
     add_agent_parser(sub)

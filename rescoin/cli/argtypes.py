@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 def number(kind: type = float, low: float | None = None, strict: bool = False) -> Callable[[str], float]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.model import Allocation, Controls, Observation, Plan
 from rescoin.core.resources import CPU, DISK, MEMORY, NET
 

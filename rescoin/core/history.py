@@ -7,8 +7,6 @@ departed VM's data under a new VM's row.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
 
 from rescoin.core.model import Observation, VMSet
@@ -150,7 +148,7 @@ class History:
         return out
 
     @classmethod
-    def restore(cls, data: dict[str, np.ndarray], window: int | None = None) -> "History":
+    def restore(cls, data: dict[str, np.ndarray], window: int | None = None) -> History:
         """A History from ``snapshot()`` arrays; ValueError naming the first array that does not fit.
 
         Everything is checked before use (a state file may be damaged or come

@@ -8,17 +8,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from rescoin.core.guard import Guard
 from rescoin.core.history import History
-from rescoin.hosts.base import ApplyResult, Host, HostUnavailableError
 from rescoin.core.model import Allocation, Forecast, Observation, Plan
 from rescoin.core.policies import PolicyInput, entitlement
 from rescoin.core.registry import Components
+from rescoin.hosts.base import ApplyResult, Host, HostUnavailableError
 
 log = logging.getLogger("rescoin.core.loop")
 
@@ -98,7 +99,7 @@ class ControlLoop:
 
 
 def run_daemon(
-    loop: "ControlLoop | Steppable",
+    loop: ControlLoop | Steppable,
     period: float | Callable[[], float],
     stop: threading.Event,
     on_step: Callable[[Step], None] | None = None,

@@ -13,7 +13,6 @@ from functools import cached_property
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.resources import N_RES, HostCapacity
 
 #: actuation kinds, in the order the guard reports them
@@ -49,7 +48,7 @@ class VMSet:
         return np.repeat(np.arange(self.n), self.vcpus)
 
     @staticmethod
-    def build(uuids, names, sizes, min_memory=None, weight=None, balloon_max=None) -> "VMSet":
+    def build(uuids, names, sizes, min_memory=None, weight=None, balloon_max=None) -> VMSet:
         uuids = np.asarray(uuids, dtype=str)
         n = uuids.shape[0]
         sizes = np.asarray(sizes, dtype=float).reshape(n, N_RES)
@@ -84,7 +83,7 @@ class Controls:
             self.diskcap = np.full(self.shares.shape, np.nan)
 
     @staticmethod
-    def defaults(vms: VMSet) -> "Controls":
+    def defaults(vms: VMSet) -> Controls:
         """What a host without rescoin runs: default weights, full memory, no caps or pins."""
         n = vms.n
         return Controls(
@@ -96,7 +95,7 @@ class Controls:
             pins=np.full(int(vms.vcpus.sum()), -1, dtype=np.intp),
         )
 
-    def copy(self) -> "Controls":
+    def copy(self) -> Controls:
         return Controls(self.shares.copy(), self.quota.copy(), self.balloon.copy(), self.blkio.copy(),
                         self.netcap.copy(), self.pins.copy(), self.pin_width, self.diskcap.copy())
 
@@ -151,10 +150,10 @@ class Allocation:
     # the loop fills a diagnostic a policy does not compute with NaN (drf, mom, ... have no credit)
     diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def with_pins(self, pins: np.ndarray | None, width: int = 1) -> "Allocation":
+    def with_pins(self, pins: np.ndarray | None, width: int = 1) -> Allocation:
         return replace(self, pins=pins, pin_width=width)
 
-    def with_all_diagnostics(self, n: int) -> "Allocation":
+    def with_all_diagnostics(self, n: int) -> Allocation:
         """Every diagnostic of ``DIAGNOSTICS`` present: the ones the policy did not compute are NaN."""
         full = {name: np.asarray(self.diagnostics[name], dtype=float) if name in self.diagnostics
                 else np.full((n,) + shape, np.nan) for name, shape in DIAGNOSTICS.items()}

@@ -16,7 +16,6 @@ from typing import Protocol
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.policies.base import PolicyInput
 from rescoin.core.resources import CPU
 

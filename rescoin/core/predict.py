@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.history import History
 from rescoin.core.model import Forecast
 from rescoin.core.resources import N_RES, RESOURCES, Resource
-
 from rescoin.shipped import MODELS_DIR
 
 

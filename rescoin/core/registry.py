@@ -5,8 +5,8 @@ component by name. Adding a policy is one row of ``RECIPES``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from rescoin.core.placement import BalancePlacement, KvmSchedulingPlacement, Placement, VmBalancerPlacement
 from rescoin.core.policies import Policy
@@ -42,7 +42,7 @@ class Components:
     predictor: Predictor | None
     placement: Placement | None
 
-    def with_predictor(self, predictor: Predictor | None) -> "Components":
+    def with_predictor(self, predictor: Predictor | None) -> Components:
         return replace(self, predictor=predictor)
 
 

@@ -22,7 +22,7 @@ class Resource(IntEnum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, name: str) -> "Resource":
+    def parse(cls, name: str) -> Resource:
         try:
             return cls[name.strip().upper()]
         except KeyError:

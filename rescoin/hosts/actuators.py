@@ -7,7 +7,8 @@ and interface caps are guest/device operations and always go through libvirt.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 Call = tuple[str, Callable[..., Any], tuple]  # (name for logs and counters, function, arguments)
 

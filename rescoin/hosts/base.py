@@ -12,13 +12,13 @@ importing only this module, and every host raises the same one.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from rescoin.core.model import Observation, Plan
 from rescoin.core.resources import HostCapacity
 from rescoin.hosts.config import HostConfig
-
 
 RESTORE_TIMEOUT = 30.0  # seconds restore() retries a hypervisor that does not answer
 

@@ -66,9 +66,10 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from rescoin.hosts.actuators import QUOTA_PERIOD_US, Call, quota_us
 

@@ -51,7 +51,7 @@ class HostMemory:
     major_faults: float  # cumulative
 
     @staticmethod
-    def from_stats(stats: dict) -> "HostMemory":
+    def from_stats(stats: dict) -> HostMemory:
         """From one VM's record of ``getAllDomainStats`` (values in KiB)."""
         avail = _kib_to_mib(stats, "balloon.available")
         usable = _kib_to_mib(stats, "balloon.usable")
@@ -65,7 +65,7 @@ class HostMemory:
             major_faults=float(fault) if isinstance(fault, (int, float)) and fault >= 0 else NAN,
         )
 
-    def pressure_since(self, before: "HostMemory | None", seconds: float) -> float:
+    def pressure_since(self, before: HostMemory | None, seconds: float) -> float:
         """Memory pressure the host's counters show since ``before``; NaN = cannot tell."""
         if before is None:
             return NAN

@@ -21,7 +21,6 @@ import uuid
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.model import ACTION_KINDS, Controls, Observation, Plan, VMSet
 from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
 from rescoin.core.sharing import water_fill, water_fill_columns

@@ -14,8 +14,6 @@ CSV (wrong header) is one clear error.
 """
 from __future__ import annotations
 
-from rescoin.cli.argtypes import number
-
 import argparse
 import base64
 import csv
@@ -36,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rescoin.cli.argtypes import number
+from rescoin.core.resources import MEMORY, N_RES, RESOURCES, UNITS
 from rescoin.offline.evaluate import BREACH_ABS, BREACH_TOL, VIOLATION, jain
 from rescoin.offline.historycsv import COLUMNS, expand
-from rescoin.core.resources import MEMORY, N_RES, RESOURCES, UNITS
 
 #: unmet-demand signal above this counts as "pressure" (PredictorParams.threshold's default)
 PRESSURE = 0.01

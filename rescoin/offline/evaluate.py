@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.history import History
 from rescoin.core.loop import Step
 from rescoin.core.resources import MEMORY, N_RES, RESOURCES

@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from rescoin import __version__
-from rescoin.offline.analysis import HistoryData, HistoryError, load_with_progress
 from rescoin.core.history import History
 from rescoin.core.model import Observation, VMSet
 from rescoin.core.predict import MODELS_DIR, PaddedEWMA, PredictorParams, load_model
 from rescoin.core.resources import N_RES, RESOURCES, HostCapacity, Resource
+from rescoin.offline.analysis import HistoryData, HistoryError, load_with_progress
 
 FITTED = ("alpha_up", "alpha_down", "pad_error", "pad_std", "pad_frac")
 GRID: dict[str, tuple[float, ...]] = {

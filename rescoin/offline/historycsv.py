@@ -27,15 +27,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from rescoin.core.history import History
 from rescoin.core.loop import Step
-from rescoin.ops.paths import reason, writable_dir
 from rescoin.core.resources import RESOURCES
+from rescoin.ops.paths import reason, writable_dir
 
 COLUMNS = ("ts", "host", "vm_uuid", "vm_name", "resource", "usage", "forecast",
            "allocation", "entitlement", "credit", "signal")
@@ -69,7 +69,7 @@ class HistoryWriter:
         self._undo: tuple[Path, int] | None = None  # (file, size) before the write in progress
 
     def path_for(self, ts: float) -> Path:
-        day = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
+        day = datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
         return self.dir / f"history-{day}.csv"
 
     def _file(self, ts: float) -> io.TextIOBase:
@@ -154,7 +154,7 @@ class HistoryWriter:
             self._fh = None
             self._day = None
 
-    def __enter__(self) -> "HistoryWriter":
+    def __enter__(self) -> HistoryWriter:
         return self
 
     def __exit__(self, *exc) -> None:

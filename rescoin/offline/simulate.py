@@ -1,16 +1,16 @@
 """Replay a trace through the production control loop, once per policy."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
-from rescoin.offline.evaluate import Metrics
 from rescoin.core.guard import Guard, GuardConfig
 from rescoin.core.history import History
-from rescoin.hosts.sim import SimHost
 from rescoin.core.loop import ControlLoop, Step
 from rescoin.core.predict import load_model
 from rescoin.core.registry import POLICIES, build, recipe
+from rescoin.hosts.sim import SimHost
+from rescoin.offline.evaluate import Metrics
 
 DEFAULT_POLICIES = tuple(POLICIES)
 

@@ -22,7 +22,7 @@ The rules (documented here, applied to every policy alike):
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +148,6 @@ def show_time(t: float) -> str:
     """A trace timestamp (seconds, or milliseconds when it looks like them) as a UTC date, or 'out of range'."""
     seconds = t / 1000.0 if abs(t) > 1e11 else t
     try:
-        return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
     except (OverflowError, OSError, ValueError):
         return "a date out of range"

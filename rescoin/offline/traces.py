@@ -26,7 +26,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -34,8 +34,17 @@ import numpy as np
 import pandas as pd
 
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.offline.tracecheck import (
+    MAX_SPAN_DAYS,
+    MAX_THROUGHPUT_KBS,
+    MAX_VM_CORES,
+    MAX_VM_MEMORY_KB,
+    Findings,
+    above,
+    drop_outlying_timestamps,
+    wrong_field_count,
+)
 from rescoin.shipped import SAMPLE_TRACE_DIR
-from rescoin.offline.tracecheck import MAX_SPAN_DAYS, MAX_THROUGHPUT_KBS, MAX_VM_CORES, MAX_VM_MEMORY_KB, Findings, above, drop_outlying_timestamps, wrong_field_count
 
 log = logging.getLogger("rescoin.offline.traces")
 
@@ -553,7 +562,7 @@ def _day_start(d: Path) -> float | None:
     if not (d.is_dir() and _DAY_RE.fullmatch(d.name)):
         return None
     try:
-        return datetime.strptime(d.name, "%Y%m%d").replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(d.name, "%Y%m%d").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from rescoin.core.guard import GuardConfig
 from rescoin.core.options import opt

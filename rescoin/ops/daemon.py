@@ -19,17 +19,26 @@ from dataclasses import replace
 from fnmatch import fnmatch
 
 from rescoin import __version__
-from rescoin.ops.config import RESTART_NEEDED, Config, ConfigError, DaemonConfig, agent_key, changed_keys, load, unmatched_vm_entries
 from rescoin.core.guard import Guard
+from rescoin.core.history import History
+from rescoin.core.loop import ControlLoop, HostUnavailableError, Step, run_daemon
+from rescoin.core.predict import load_model
+from rescoin.core.registry import build
+from rescoin.core.resources import MEMORY
 from rescoin.hosts.base import RESTORE_TIMEOUT, Host, HostSetup
 from rescoin.hosts.dryrun import DryRunHost
-from rescoin.core.history import History
 from rescoin.offline.historycsv import HistoryWriter
-from rescoin.core.loop import ControlLoop, HostUnavailableError, Step, run_daemon
+from rescoin.ops.config import (
+    RESTART_NEEDED,
+    Config,
+    ConfigError,
+    DaemonConfig,
+    agent_key,
+    changed_keys,
+    load,
+    unmatched_vm_entries,
+)
 from rescoin.ops.paths import PathLock
-from rescoin.core.registry import build
-from rescoin.core.predict import load_model
-from rescoin.core.resources import MEMORY
 from rescoin.ops.state import Saved, StateFile
 
 log = logging.getLogger("rescoin.ops.daemon")

@@ -40,13 +40,12 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from rescoin.hosts.agent import AgentError, load_key, parse_reply
-
 from rescoin.shipped import GUEST_AGENT_DIR
 
 REMOTE_AGENT = "/usr/local/sbin/rescoin_agent.py"
@@ -374,7 +373,7 @@ class _Guest:
             how = "the key " + s.pkey.fingerprint if s.pkey is not None else "the ssh-agent's or ~/.ssh keys"
             raise HostFailure(f"authentication failed as {t.user}: the guest refused {how} ({e}); "
                               f"add the public key to ~{t.user}/.ssh/authorized_keys on the guest") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise HostFailure(f"cannot connect to {t.host} port {t.port}: timed out after {s.timeout:g}s") from None
         except paramiko.ssh_exception.NoValidConnectionsError as e:
             reasons = sorted({err.strerror or str(err) for err in e.errors.values()})
@@ -595,7 +594,7 @@ class _Guest:
                     if not data:
                         break
                     buf += data
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise HostFailure(f"the agent on {self.s.listen_text()} accepted but did not answer "
                                   f"within {self.s.timeout:g}s") from None
             finally:

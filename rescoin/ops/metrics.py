@@ -19,8 +19,8 @@ from http.server import ThreadingHTTPServer
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
 
-from rescoin.ops.config import ConfigError, parse_address
 from rescoin.core.resources import RESOURCES
+from rescoin.ops.config import ConfigError, parse_address
 
 log = logging.getLogger("rescoin.ops.metrics")
 

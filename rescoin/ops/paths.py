@@ -55,7 +55,7 @@ class PathLock:
         self.target = Path(target)
         self._fd: int | None = None
 
-    def acquire(self) -> "PathLock":
+    def acquire(self) -> PathLock:
         """Take the lock or raise PathError naming the daemon that holds it."""
         for _ in range(5):  # a daemon releasing its lock unlinks the file: lock the new one
             try:

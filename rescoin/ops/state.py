@@ -56,7 +56,7 @@ class StateFile:
         self.path = Path(path).resolve()
         self.lock = PathLock(self.path.with_name(self.path.name + ".lock"), self.path)
 
-    def open(self) -> "StateFile":
+    def open(self) -> StateFile:
         """Refuse a path that is not rescoin's; take the lock; remove stale temp files."""
         check_path(self.path)
         try:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from rescoin.ops.paths import PathError, PathLock, reason
 from rescoin.core.resources import RESOURCES, UNITS
+from rescoin.ops.paths import PathError, PathLock, reason
 
 log = logging.getLogger("rescoin.ops.status")
 
@@ -150,7 +150,7 @@ class StatusServer:
         while not self._closed.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             with conn:
                 try:

@@ -20,11 +20,11 @@ pytestmark = pytest.mark.e2e
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test` (scripts/setup-host)")
 
 from rescoin import lab  # noqa: E402
+from rescoin.core.loop import ControlLoop  # noqa: E402
+from rescoin.core.registry import build  # noqa: E402
 from rescoin.hosts.actuators import quota_us  # noqa: E402
 from rescoin.hosts.cgroupfs import CgroupActuator, cpulist  # noqa: E402
 from rescoin.hosts.libvirt import LibvirtHost, _cpumap  # noqa: E402
-from rescoin.core.loop import ControlLoop  # noqa: E402
-from rescoin.core.registry import build, make_policy  # noqa: E402
 
 URI = "qemu:///system"
 NAME = "rescoin-cg-0"

@@ -22,12 +22,13 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
-from rescoin.ops.config import load  # noqa: E402
-from rescoin.ops.daemon import Daemon  # noqa: E402
+from test_daemon import Proc  # noqa: E402 - the child-process helper of the daemon tests
+
 from rescoin.hosts.config import HostConfig  # noqa: E402
 from rescoin.hosts.libvirt import LibvirtHost  # noqa: E402
+from rescoin.ops.config import load  # noqa: E402
+from rescoin.ops.daemon import Daemon  # noqa: E402
 from rescoin.ops.status import query  # noqa: E402
-from test_daemon import Proc  # noqa: E402 - the child-process helper of the daemon tests
 
 TEST_VM = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # the test driver's "test" domain
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -180,10 +181,10 @@ def test_history_write_errors_do_not_stop_the_daemon(tmp_path):
 
 @needs_root
 def test_history_on_a_disk_turned_read_only_is_retried(tmp_path, caplog):
-    from rescoin.offline.historycsv import HistoryWriter
-    from rescoin.hosts.sim import SimHost
     from rescoin.core.loop import ControlLoop
     from rescoin.core.registry import build
+    from rescoin.hosts.sim import SimHost
+    from rescoin.offline.historycsv import HistoryWriter
     from rescoin.offline.traces import load_trace, sample_trace_path
 
     loop = ControlLoop(SimHost(load_trace(sample_trace_path(), vms=2, days=0.1)), build("static"))

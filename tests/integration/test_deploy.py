@@ -21,7 +21,18 @@ from pathlib import Path
 import pytest
 
 from rescoin.hosts.agent import AgentClient, load_key
-from rescoin.ops.deploy import DeployError, REMOTE_AGENT, REMOTE_DEFAULTS, REMOTE_INIT, REMOTE_KEY, REMOTE_PIDFILE, REMOTE_UNIT, main, parse_target, read_inventory
+from rescoin.ops.deploy import (
+    REMOTE_AGENT,
+    REMOTE_DEFAULTS,
+    REMOTE_INIT,
+    REMOTE_KEY,
+    REMOTE_PIDFILE,
+    REMOTE_UNIT,
+    DeployError,
+    main,
+    parse_target,
+    read_inventory,
+)
 
 SSHD = Path("/usr/sbin/sshd")
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"

@@ -18,13 +18,13 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
-from rescoin.hosts.agent import AgentClient  # noqa: E402
 from rescoin.core.guard import Guard  # noqa: E402
-from rescoin.hosts.config import HostConfig  # noqa: E402
-from rescoin.hosts.libvirt import HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
 from rescoin.core.loop import ControlLoop  # noqa: E402
 from rescoin.core.model import Allocation  # noqa: E402
 from rescoin.core.registry import build  # noqa: E402
+from rescoin.hosts.agent import AgentClient  # noqa: E402
+from rescoin.hosts.config import HostConfig  # noqa: E402
+from rescoin.hosts.libvirt import HostUnavailable, LibvirtHost, _cpumap  # noqa: E402
 
 EXTRA = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memory>
 <currentMemory unit='MiB'>1024</currentMemory><vcpu>{vcpus}</vcpu>

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
 
+from rescoin.core.resources import MEMORY  # noqa: E402
 from rescoin.ops.config import load  # noqa: E402
 from rescoin.ops.daemon import Daemon  # noqa: E402
-from rescoin.core.resources import MEMORY  # noqa: E402
 
 BASE = '[daemon]\nuri = "test:///default"\nstate_file = ""\nhistory_dir = ""\nstatus_socket = ""\nperiod = 1\n'
 VM = """<domain type='test'><name>{name}</name><memory unit='MiB'>2048</memory>

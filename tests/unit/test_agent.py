@@ -21,8 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from rescoin.hosts.agent import AgentClient, AgentError, AgentReport, StaleReply, check_size, load_key, parse_reply, signals_from
 from rescoin.core.resources import Resource
+from rescoin.hosts.agent import (
+    AgentClient,
+    AgentError,
+    AgentReport,
+    StaleReply,
+    check_size,
+    load_key,
+    parse_reply,
+    signals_from,
+)
 
 AGENT = Path(__file__).resolve().parents[2] / "guest_agent" / "rescoin_agent.py"
 

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rescoin.offline.analysis import add_analyze_parser, analyze, load_history, main
 from rescoin.core.history import History
-from rescoin.offline.historycsv import HEADER, HistoryWriter
 from rescoin.core.resources import N_RES
+from rescoin.offline.analysis import add_analyze_parser, analyze, load_history, main
+from rescoin.offline.historycsv import HEADER, HistoryWriter
 
 
 def strict_json(text: str):

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 
 from rescoin.hosts.actuators import quota_us
-from rescoin.hosts.cgroupfs import CgroupActuator, blkio_to_io_weight, cpulist, io_weight_to_blkio, parse_cpulist, shares_to_weight, weight_to_shares
+from rescoin.hosts.cgroupfs import (
+    CgroupActuator,
+    blkio_to_io_weight,
+    cpulist,
+    io_weight_to_blkio,
+    parse_cpulist,
+    shares_to_weight,
+    weight_to_shares,
+)
 
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 V1_DIR = "machine/qemu-3-vm1.libvirt-qemu"
@@ -381,10 +389,10 @@ def test_v2_vanished_vm_is_an_oserror(v2):
 # -- through LibvirtHost: failures are recorded, the loop goes on --------------------------------------------
 def test_libvirt_host_applies_through_cgroups_and_survives_a_vanished_vm(tmp_path):
     pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test`")
+    from rescoin.core.loop import ControlLoop
+    from rescoin.core.registry import build
     from rescoin.hosts.config import HostConfig
     from rescoin.hosts.libvirt import LibvirtHost, _cpumap
-    from rescoin.core.loop import ControlLoop
-    from rescoin.core.registry import build, make_policy
 
     fake = Fake(tmp_path, 1)
     fake.vm_v1(name="test", vm_dir="machine/qemu-1-test.libvirt-qemu", vcpus=2)

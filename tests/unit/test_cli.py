@@ -45,8 +45,8 @@ def error_lines(err: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def simulate_json():
-    import io
     import contextlib
+    import io
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

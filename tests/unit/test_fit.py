@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rescoin.offline.fit import FIT, FITTED, HELD, Series, check_table, fit, main, parts, replay
 from rescoin.core.history import History
-from rescoin.offline.historycsv import HistoryWriter
 from rescoin.core.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
 from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES, Resource
+from rescoin.offline.fit import FIT, FITTED, HELD, Series, check_table, fit, main, parts, replay
+from rescoin.offline.historycsv import HistoryWriter
 
 PLAIN = PredictorParams(alpha_up=0.9, alpha_down=0.9, hold_last=0.0, growth=1.0)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rescoin.core.history import SERIES, History
-from rescoin.offline.historycsv import HistoryWriter, read_history
 from rescoin.core.predict import default_predictor
 from rescoin.core.resources import CPU, MEMORY, N_RES
+from rescoin.offline.historycsv import HistoryWriter, read_history
 from rescoin.offline.simulate import SimSettings, build_loop
 
 CAP = [8.0, 8192.0, 1000.0, 1000.0]
@@ -319,7 +319,7 @@ def test_history_csv_rotates_daily_utc(kit, tmp_path):
         day = f[len("history-"):-len(".csv")]
         df = pd.read_csv(tmp_path / f)  # pandas reads it with no options
         assert list(df.columns) == CSV_COLUMNS
-        days = {datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d") for ts in df["ts"]}
+        days = {datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d") for ts in df["ts"]}
         assert days == {day}
     assert sum(len(pd.read_csv(tmp_path / f)) for f in files) == len(expected) * 3 * N_RES
 

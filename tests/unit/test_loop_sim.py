@@ -7,12 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from rescoin.offline.evaluate import jain
-from rescoin.hosts.sim import SimHost
 from rescoin.core.loop import ControlLoop, run_daemon
 from rescoin.core.model import Controls
-from rescoin.core.registry import POLICIES, build, make_policy
+from rescoin.core.registry import POLICIES, build
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.hosts.sim import SimHost
+from rescoin.offline.evaluate import jain
 from rescoin.offline.simulate import SimSettings, build_loop, run_policy
 
 NAN = np.nan

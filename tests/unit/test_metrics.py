@@ -15,13 +15,13 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rescoin.core.loop import ControlLoop
+from rescoin.core.registry import build
+from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES
+from rescoin.hosts.sim import SimHost
 from rescoin.ops import metrics as metrics_mod
 from rescoin.ops.config import ConfigError
-from rescoin.hosts.sim import SimHost
-from rescoin.core.loop import ControlLoop
 from rescoin.ops.metrics import MAX_CONNECTIONS, Metrics
-from rescoin.core.registry import build, make_policy
-from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES
 
 NAN = float("nan")
 

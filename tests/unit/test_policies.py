@@ -10,10 +10,16 @@ from hypothesis import strategies as st
 
 from rescoin.core.history import History
 from rescoin.core.model import Forecast
-from rescoin.core.placement import BalancePlacement, KvmSchedulingPlacement, VmBalancerPlacement, group_load, make_placement
+from rescoin.core.placement import (
+    BalancePlacement,
+    KvmSchedulingPlacement,
+    VmBalancerPlacement,
+    group_load,
+    make_placement,
+)
 from rescoin.core.policies import entitlement
-from rescoin.core.registry import POLICIES, build, make_policy
 from rescoin.core.policies.peers import MomPolicy, drf_fill
+from rescoin.core.registry import POLICIES, build, make_policy
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
 
 NAN = np.nan

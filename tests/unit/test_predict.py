@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rescoin.core.history import History
-from rescoin.core.predict import LastValue, PaddedEWMA, PredictorParams, default_predictor, ewma, load_model, make_predictor
+from rescoin.core.predict import (
+    LastValue,
+    PaddedEWMA,
+    PredictorParams,
+    default_predictor,
+    ewma,
+    load_model,
+    make_predictor,
+)
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, Resource
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -21,8 +21,8 @@ import pytest
 
 from rescoin.core.history import History
 from rescoin.offline.historycsv import HEADER, HistoryWriter, read_history
-from rescoin.ops.paths import PathError, PathLock
 from rescoin.offline.simulate import SimSettings, build_loop
+from rescoin.ops.paths import PathError, PathLock
 from rescoin.ops.state import FORMAT, StateFile, check_originals, is_rescoin_state, load_state, save_state
 from rescoin.ops.status import StatusServer, query
 

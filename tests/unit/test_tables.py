@@ -24,7 +24,7 @@ from rich.table import Table
 from rescoin.core.resources import CPU, RESOURCES
 from rescoin.offline.simulate import simulate
 from rescoin.offline.traces import load_trace, sample_trace_path
-from rescoin.view import SHORT, _fmt, fit_tables, metric_tables, progress, Col
+from rescoin.view import SHORT, Col, _fmt, fit_tables, metric_tables, progress
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLANETLAB = DATA / "planetlab"

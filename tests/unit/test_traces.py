@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rescoin.offline import traces
-from rescoin.hosts.sim import SimHost
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.hosts.sim import SimHost
+from rescoin.offline import traces
 from rescoin.offline.traces import TraceError, detect_format, load_trace, sample_trace_path
 
 T0 = 1375308000  # a multiple of 300: samples land exactly on grid points
@@ -335,7 +335,7 @@ def test_planetlab_real_sample():
     assert tr.demand[288, jaist, CPU] == pytest.approx(0.0)  # first line of the 20110322 file
     assert np.isnan(tr.demand[288:, [i for i in range(5) if i != jaist], CPU]).all()
     cpu = tr.demand[:288, :, CPU]
-    assert 0 <= cpu.min() and cpu.max() <= 1
+    assert cpu.min() >= 0 and cpu.max() <= 1
 
 
 # --------------------------------------------------------------------------- Azure
@@ -466,7 +466,7 @@ def test_real_shared_bitbrains_trace():
     assert not np.isnan(cpu).any() and not np.isnan(mem).any()
     assert (cpu >= 0).all() and (cpu <= tr.sizes[:, CPU]).all()
     assert (mem >= 0).all() and (mem.mean(axis=0) > 0).all() and mem.max() < 64 * 1024
-    assert 1 <= np.nanmin(tr.sizes[:, CPU]) and np.nanmax(tr.sizes[:, CPU]) <= 32
+    assert np.nanmin(tr.sizes[:, CPU]) >= 1 and np.nanmax(tr.sizes[:, CPU]) <= 32
     np.testing.assert_allclose(tr.sizes[0], [2, 8192, np.nan, np.nan])  # MANIFEST: 2 cores, 8388608 KB
 
 

@@ -12,11 +12,10 @@ from typing import Protocol
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-from rescoin.core.sharing import water_fill_columns
-
 from rescoin.core.history import History
 from rescoin.core.model import Allocation, Forecast, Observation
 from rescoin.core.resources import CPU, N_RES
+from rescoin.core.sharing import water_fill_columns
 
 
 @dataclass(frozen=True)

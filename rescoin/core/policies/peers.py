@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.model import Allocation
+from rescoin.core.policies.base import PolicyInput, finish, managed, share_leftover
 from rescoin.core.resources import CPU, MEMORY, N_RES
 from rescoin.core.sharing import water_fill_columns
-from rescoin.core.policies.base import PolicyInput, finish, managed, share_leftover
 
 
 @dataclass

@@ -13,11 +13,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.model import Allocation
+from rescoin.core.policies.base import PolicyInput, finish, fit_to_capacity, managed, top_up
 from rescoin.core.resources import DISK, N_RES, NET
 from rescoin.core.sharing import water_fill_columns
-from rescoin.core.policies.base import PolicyInput, finish, fit_to_capacity, managed, top_up
 
 
 def credits(inp: PolicyInput, k: int) -> np.ndarray:

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from rescoin.core.arrays import fillnan
-
 from rescoin.core.model import Allocation
-from rescoin.core.resources import MEMORY, N_RES
 from rescoin.core.policies.base import PolicyInput, managed
+from rescoin.core.resources import MEMORY, N_RES
 
 
 def _memory_view(inp: PolicyInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

@@ -10,7 +10,8 @@ caps, each direction) and per vCPU map, which an operator may have set by hand.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

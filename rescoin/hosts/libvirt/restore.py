@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from rescoin.hosts.actuators import Actuator
 from rescoin.hosts.base import RESTORE_TIMEOUT, ApplyResult, HostUnavailableError
