@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from rescoin.errors import RescoinError
 from rescoin.shipped import GUEST_AGENT_DIR
 
 LAB_PREFIX = "rescoin-lab-"
@@ -73,7 +74,7 @@ SCENARIOS: dict[str, list[str]] = {
 Progress = Callable[[str], None]
 
 
-class LabError(Exception):
+class LabError(RescoinError):
     """A problem the operator can fix; the CLI prints it as one line and exits 2."""
 
 

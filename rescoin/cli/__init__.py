@@ -16,12 +16,9 @@ from rich.console import Console
 
 from rescoin import __version__
 from rescoin.cli.argtypes import number
+from rescoin.errors import RescoinError, UserError
 
 log = logging.getLogger("rescoin")
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 # -- shared helpers ---------------------------------------------------------------
@@ -375,9 +372,9 @@ def dispatch(args: argparse.Namespace) -> int:
         code = args.func(args)
         sys.stdout.flush()  # buffered output meets a closed pipe here, not at interpreter exit
         return code
-    except UserError as e:
+    except RescoinError as e:
         print(f"rescoin: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

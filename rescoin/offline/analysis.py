@@ -36,6 +36,7 @@ import numpy as np
 
 from rescoin.cli.argtypes import number
 from rescoin.core.resources import MEMORY, N_RES, RESOURCES, UNITS
+from rescoin.errors import RescoinError
 from rescoin.offline.evaluate import BREACH_ABS, BREACH_TOL, VIOLATION, jain
 from rescoin.offline.historycsv import COLUMNS, expand
 
@@ -89,7 +90,7 @@ VM_COLUMNS = ("uuid", "name", "cpu_use", "cpu_alloc", "memory_use", "memory_allo
               "pressure", "cpu_pressure", "memory_pressure", "credit")
 
 
-class HistoryError(ValueError):
+class HistoryError(RescoinError, ValueError):
     """A history input that cannot be used at all (missing file, not a history CSV); one line."""
 
 
@@ -898,7 +899,7 @@ def load_with_progress(paths: Iterable[str | Path], console=None) -> HistoryData
 def cmd_analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from rescoin.cli import UserError
+    from rescoin.errors import UserError
 
     err = Console(stderr=True)
     try:

@@ -625,7 +625,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from rescoin.cli import UserError
+    from rescoin.errors import UserError
     from rescoin.view import progress
 
     err = Console(stderr=True)

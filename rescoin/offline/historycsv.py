@@ -35,6 +35,7 @@ import numpy as np
 from rescoin.core.history import History
 from rescoin.core.loop import Step
 from rescoin.core.resources import RESOURCES
+from rescoin.errors import RescoinError
 from rescoin.ops.paths import reason, writable_dir
 
 COLUMNS = ("ts", "host", "vm_uuid", "vm_name", "resource", "usage", "forecast",
@@ -201,7 +202,7 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
 # -- reading: the forgiving reader of analyze and fit ---------------------------------------------------
 # (writer and reader stay in this one module, over 500 lines by a little: the issue asks for the history
 # file's writer, its reader and their shared column contract in one place)
-class HistoryError(ValueError):
+class HistoryError(RescoinError, ValueError):
     """A history input that cannot be used at all (missing file, not a history CSV); one line."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.errors import RescoinError
 from rescoin.offline.tracecheck import (
     MAX_SPAN_DAYS,
     MAX_THROUGHPUT_KBS,
@@ -81,7 +82,7 @@ _DAY_RE = re.compile(r"\d{8}")
 _AZURE_OVER_BUCKETS = {">24": 30.0, ">64": 70.0}  # open-ended vmtable buckets
 
 
-class TraceError(ValueError):
+class TraceError(RescoinError, ValueError):
     """A trace that cannot be read; the message names the file (and line) and says what to do."""
 
 

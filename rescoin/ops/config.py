@@ -17,12 +17,13 @@ from typing import Any
 
 from rescoin.core.guard import GuardConfig
 from rescoin.core.options import opt
+from rescoin.errors import RescoinError
 from rescoin.hosts.config import MAX_MIB, HostConfig
 
 DEFAULT_PATH = Path("/etc/rescoin/rescoin.toml")
 
 
-class ConfigError(ValueError):
+class ConfigError(RescoinError, ValueError):
     """A configuration problem, said in one line that names the key."""
 
 

@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rescoin.errors import RescoinError
 from rescoin.hosts.agent import AgentError, load_key, parse_reply
 from rescoin.shipped import GUEST_AGENT_DIR
 
@@ -77,7 +78,7 @@ _STAGING_RE = re.compile(r"/tmp/rescoin-deploy\.[A-Za-z0-9]+")
 log = logging.getLogger(__name__)
 
 
-class DeployError(Exception):
+class DeployError(RescoinError):
     """A usage problem (bad target, inventory, key file, option): nothing was deployed, exit 2."""
 
 
