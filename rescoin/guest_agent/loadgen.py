@@ -23,6 +23,7 @@ Each spec runs in its own child process, so switching load is "kill the
 children, start new ones" and memory is given back at once. A worker that
 dies (the guest's OOM killer prefers them) is started again after 10 s.
 """
+import contextlib
 import mmap
 import os
 import signal
@@ -49,7 +50,7 @@ def _number(text, what, kind=float, minimum=0.0):
     try:
         v = kind(text)
     except ValueError:
-        raise SpecError("%s: %r is not a number" % (what, text))
+        raise SpecError("%s: %r is not a number" % (what, text)) from None
     if v < minimum:
         raise SpecError("%s: must be >= %s, got %s" % (what, minimum, text))
     return v
@@ -260,15 +261,11 @@ def start(parts):
 
 def stop(pids):
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     for pid in pids:
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def _describe(status):

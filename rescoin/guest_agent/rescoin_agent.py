@@ -474,7 +474,7 @@ def load_key(path):
     try:
         st = os.stat(path)
     except OSError as e:
-        raise ValueError("cannot read key file %s: %s" % (path, e.strerror))
+        raise ValueError("cannot read key file %s: %s" % (path, e.strerror)) from None
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("key file %s is not a regular file" % path)
     if st.st_mode & 0o077:
@@ -485,7 +485,7 @@ def load_key(path):
         with open(path, "rb") as f:
             key = f.read().strip()
     except (IOError, OSError) as e:
-        raise ValueError("cannot read key file %s: %s" % (path, e))
+        raise ValueError("cannot read key file %s: %s" % (path, e)) from None
     if len(key) < 16:
         raise ValueError("key file %s holds fewer than 16 bytes of key" % path)
     return key
@@ -508,7 +508,7 @@ def parse_listen(text):
     try:
         port = int(port)
     except ValueError:
-        raise ValueError("bad port in listen address %r" % text)
+        raise ValueError("bad port in listen address %r" % text) from None
     if not 0 <= port <= 65535:
         raise ValueError("port out of range in %r" % text)
     return host, port

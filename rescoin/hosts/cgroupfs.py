@@ -68,6 +68,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,8 @@ def blkio_to_io_weight(weight: int) -> int:
     """A v1 blkio weight (10..1000, CFQ default 500) as a weight next to a default of 100.
 
     For v2 ``io.weight`` (1..10000, default 100) and v2 BFQ's ``io.bfq.weight``
-    (1..1000, default 100). v1 files are written unscaled, as libvirt writes them. Weights are shares among siblings, so the scale is
+    (1..1000, default 100). v1 files are written unscaled, as libvirt writes them.
+    Weights are shares among siblings, so the scale is
     proportional, ``round(weight * 100 / 500)``: rescoin's default 500 becomes 100
     and keeps the share an unmanaged sibling at the default has, and two VMs keep
     their ratio (up to rounding; 10..1000 -> 2..200). systemd converts BlockIOWeight=
@@ -238,7 +240,8 @@ class CgroupActuator:
         ``shares`` (v2: derived from ``cpu_weight``), ``quota`` and ``period``
         per vCPU (quota -1 = no cap), ``blkio`` weight on the 10..1000 scale
         (None when the kernel has no weight file; ``io_weight`` is the value in a
-        file whose default is 100, before :func:`io_weight_to_blkio`), ``cpuset`` per vCPU as a CPU list, and the ``paths``
+        file whose default is 100, before :func:`io_weight_to_blkio`), ``cpuset`` per vCPU as a CPU list,
+        and the ``paths``
         used. Raises OSError when the VM's cgroups cannot be found.
         """
         return self._run(state, dom, lambda g: self._read(g, state))
@@ -337,6 +340,10 @@ class CgroupActuator:
         path = base / rel if rel else base
         return path / f"vcpu{vcpu}" if vcpu is not None else path
 
+    def _cpuset_of(self, g: VMCgroups, vcpu: int) -> Any:
+        """The CPU list one vCPU's cpuset holds, as cgroupspy reads it."""
+        return self._node(g, "cpuset", "vcpus", vcpu).controller.get_property(b"cpuset.cpus")
+
     def _node(self, g: VMCgroups, controller: str, where: str = "top", vcpu: int | None = None):
         """A cgroupspy node (v1) for one of the VM's groups, built from its path without walking the tree."""
         from cgroupspy.nodes import Node  # noqa: PLC0415 - only v1 needs it
@@ -364,8 +371,8 @@ class CgroupActuator:
                 else:
                     ctl = self._node(g, "cpu", "vcpus", v).controller
                     # period first (as libvirt does); -1 removes the cap
-                    _io(lambda: setattr(ctl, "cfs_period_us", QUOTA_PERIOD_US))
-                    _io(lambda: setattr(ctl, "cfs_quota_us", quota))
+                    _io(partial(setattr, ctl, "cfs_period_us", QUOTA_PERIOD_US))
+                    _io(partial(setattr, ctl, "cfs_quota_us", quota))
 
     def _write_blkio(self, g: VMCgroups, weight: int) -> None:
         """``weight`` on the 10..1000 blkio scale; v2's files (default 100) get it scaled.
@@ -429,9 +436,9 @@ class CgroupActuator:
         out["quota"], out["period"] = [], []
         for v in vcpus:
             ctl = self._node(g, "cpu", "vcpus", v).controller
-            q = _io(lambda: ctl.cfs_quota_us)  # cgroupspy reads -1 as None
+            q = _io(partial(getattr, ctl, "cfs_quota_us"))  # cgroupspy reads -1 as None
             out["quota"].append(-1 if q is None else q)
-            out["period"].append(_io(lambda: ctl.cfs_period_us))
+            out["period"].append(_io(partial(getattr, ctl, "cfs_period_us")))
         out["blkio"] = out["io_weight"] = None  # also when libvirt manages no blkio cgroup for the VM
         if "blkio" in g.top:
             blk = self._dir(g, "blkio")
@@ -439,7 +446,7 @@ class CgroupActuator:
                 out["blkio"] = out["io_weight"] = int(_read(blk / "blkio.bfq.weight").split()[-1])
             elif (blk / "blkio.weight").exists():
                 out["blkio"] = int(_read(blk / "blkio.weight").split()[-1])
-        out["cpuset"] = [_io(lambda: self._node(g, "cpuset", "vcpus", v).controller.get_property(b"cpuset.cpus"))
+        out["cpuset"] = [_io(partial(self._cpuset_of, g, v))
                          for v in vcpus]
         out["paths"] = {c: str(self._dir(g, c)) for c in V1_CONTROLLERS if c in g.top}
         out["paths"]["vcpus"] = str(self._dir(g, "cpu", "vcpus"))

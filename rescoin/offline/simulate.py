@@ -68,10 +68,11 @@ def simulate(
     on_step: Callable[[str, Step], None] | None = None,
 ) -> dict:
     """Every policy over the same trace, in the ``rescoin simulate --format json`` shape."""
-    out = {"policies": {}, "trace": getattr(trace, "name", "trace"),
+    results: dict[str, dict] = {}
+    out = {"policies": results, "trace": getattr(trace, "name", "trace"),
            "vms": int(trace.demand.shape[1]), "periods": int(trace.demand.shape[0]),
            "overcommit": settings.overcommit}
     for name in policies:
         cb = (lambda s, _n=name: on_step(_n, s)) if on_step is not None else None
-        out["policies"][name] = run_policy(trace, name, settings, cb)
+        results[name] = run_policy(trace, name, settings, cb)
     return out

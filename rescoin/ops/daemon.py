@@ -17,6 +17,7 @@ import signal
 import threading
 from dataclasses import replace
 from fnmatch import fnmatch
+from typing import TYPE_CHECKING
 
 from rescoin import __version__
 from rescoin.core.guard import Guard
@@ -40,6 +41,10 @@ from rescoin.ops.config import (
 )
 from rescoin.ops.paths import PathLock
 from rescoin.ops.state import Saved, StateFile
+
+if TYPE_CHECKING:  # imported where used: a daemon without them never loads them
+    from rescoin.ops.metrics import Metrics
+    from rescoin.ops.status import StatusServer
 
 log = logging.getLogger("rescoin.ops.daemon")
 
@@ -68,7 +73,7 @@ def host_setup(cfg: Config, old: HostSetup | None = None, old_cfg: Config | None
     """What a host takes from ``cfg``, alike at start and on reload; an unchanged agent client is kept."""
     same_agents = old is not None and old_cfg is not None and (cfg.agent.timeout, cfg.agent.key_file) == (
         old_cfg.agent.timeout, old_cfg.agent.key_file)
-    return HostSetup(config=cfg.host, agents=old.agents if same_agents else _agents(cfg),
+    return HostSetup(config=cfg.host, agents=old.agents if same_agents and old is not None else _agents(cfg),
                      tcp_agents=dict(cfg.agent.tcp), vm_config=cfg.for_vm, managed=_managed(cfg))
 
 
@@ -101,8 +106,8 @@ class Daemon:
         self.restore_timeout = RESTORE_TIMEOUT  # --restore-on-exit retries a hypervisor that does not answer
         self.state: StateFile | None = None
         self.writer: HistoryWriter | None = None
-        self.status = None
-        self.metrics = None
+        self.status: StatusServer | None = None
+        self.metrics: Metrics | None = None
         self._history_lock: PathLock | None = None
         try:
             saved = self._open_paths(cfg.daemon, window=60)
@@ -247,7 +252,7 @@ class Daemon:
                 from rescoin.ops.metrics import Metrics
 
                 self.metrics = Metrics(m.listen)
-            elif m.enabled:
+            elif m.enabled and self.metrics is not None:
                 self.metrics.serve(m.listen)
             elif self.metrics is not None:
                 self.metrics.close()
@@ -262,7 +267,7 @@ class Daemon:
     def _warn_unmatched_vm_entries(self, step: Step) -> None:
         """Once per configuration: name the ``[vm."KEY"]`` entries that match no VM the host knows."""
         self._vm_entries_checked = True
-        ids = list(zip(step.obs.vms.uuids.tolist(), step.obs.vms.names.tolist())) + self.host.known_vms()
+        ids = list(zip(step.obs.vms.uuids.tolist(), step.obs.vms.names.tolist(), strict=False)) + self.host.known_vms()
         for key in unmatched_vm_entries(self.cfg, ids):
             log.warning('[vm."%s"] in %s matches no VM on %s (neither a name nor a UUID); check the spelling',
                         key, self.config_path or "the configuration", self.cfg.daemon.uri)

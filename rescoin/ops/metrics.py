@@ -11,6 +11,7 @@ can neither exhaust the daemon's file descriptors nor keep scrapes out.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -71,10 +72,8 @@ class MetricsServer(ThreadingHTTPServer):
 
 
 def _hang_up(conn: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # already gone
         conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already gone
 
 
 def start_server(listen: str, registry: CollectorRegistry) -> MetricsServer:
@@ -145,15 +144,11 @@ class Metrics:
         for gone in self._known - set(names):  # a VM that left: drop its series
             for g in (self.usage, self.forecast, self.allocation, self.error):
                 for res in RESOURCES:
-                    try:
+                    with contextlib.suppress(KeyError):
                         g.remove(gone, res.label)
-                    except KeyError:
-                        pass
             for g in (self.credit, self.balloon):
-                try:
+                with contextlib.suppress(KeyError):
                     g.remove(gone)
-                except KeyError:
-                    pass
         self._known = set(names)
         for i, name in enumerate(names):
             for res in RESOURCES:

@@ -78,7 +78,7 @@ class StatusServer:
         self._data = b'{"version": 1, "starting": true}\n'
         self._sock: socket.socket | None = None
         self._inode: tuple[int, int] | None = None  # the socket this process bound
-        self._lock = None  # rescoin.ops.paths.PathLock on PATH.lock: one daemon per socket
+        self._lock: PathLock | None = None  # on PATH.lock: one daemon per socket
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -96,11 +96,11 @@ class StatusServer:
                 os.chmod(parent, 0o700)  # ours, just made: root only, whatever the umask
             except OSError as e:
                 raise PathError(f"{where}: cannot create {parent}: {reason(e)}") from None
-        self._lock = PathLock(self.path.with_name(self.path.name + ".lock"), self.path).acquire()
+        lock = self._lock = PathLock(self.path.with_name(self.path.name + ".lock"), self.path).acquire()
         try:
             self._bind(where)
         except BaseException:
-            self._lock.release()
+            lock.release()
             raise
         self._thread = threading.Thread(target=self._serve, name="status", daemon=True)
         self._thread.start()
@@ -147,6 +147,7 @@ class StatusServer:
             log.exception("could not build the status snapshot")
 
     def _serve(self) -> None:
+        assert self._sock is not None  # bound in start(), before this thread runs
         while not self._closed.is_set():
             try:
                 conn, _ = self._sock.accept()

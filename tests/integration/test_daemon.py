@@ -39,7 +39,7 @@ class Proc:
         cmd = [sys.executable, "-m", "rescoin.cli", "run", "--uri", "test:///default", "--period", "0.3",
                "--state", str(tmp / "state.npz"), "--history", str(tmp / "hist"), "--status-socket", str(self.sock),
                "--config", str(config or write_config(tmp, "")), *extra]
-        self.fh = open(self.log, "w")
+        self.fh = open(self.log, "w")  # noqa: SIM115 - held open for the daemon's lifetime, closed in stop()
         self.p = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT)
 
     def text(self) -> str:

@@ -286,7 +286,7 @@ def test_demo_never_appends_to_an_earlier_run(tmp_path):
     assert len(dirs) == 2
     rows = [sum(len(pd.read_csv(f)) for f in d.glob("history-*.csv")) for d in dirs]
     assert rows[0] == rows[1] > 0  # the second run did not double anything
-    assert all(f"writing to {d.name}/" in r.stdout for d, r in zip(dirs, runs))
+    assert all(f"writing to {d.name}/" in r.stdout for d, r in zip(dirs, runs, strict=False))
     one_line_error(rescoin(*DEMO, "--history", str(dirs[0]), cwd=tmp_path), "already holds history")
     (tmp_path / "afile").write_text("")
     one_line_error(rescoin(*DEMO, "--history", "afile", cwd=tmp_path), "not a directory")

@@ -140,7 +140,8 @@ def test_reload_applies_agent_guard_policy_period_filter_and_actuator(daemon, cf
     key.chmod(0o600)
     cfg.write(f'policy = "static"\nvm_filter = "web-*"\n'
               f'[agent]\ntimeout = 0.3\nkey_file = "{key}"\n[agent.tcp]\nweb = "127.0.0.1:7000"\n'
-              '[guard]\nmem_floor_mib = 300\n[host]\nactuator = "cgroup"\n', base=BASE.replace("period = 1", "period = 7"))
+              '[guard]\nmem_floor_mib = 300\n[host]\nactuator = "cgroup"\n',
+              base=BASE.replace("period = 1", "period = 7"))
     daemon.reload()
     inner = real(daemon)
     assert inner.agents.timeout == 0.3 and inner.agents.key == b"k" * 32

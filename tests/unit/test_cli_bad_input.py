@@ -5,6 +5,7 @@ subprocess where a real closed pipe is needed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -149,11 +150,8 @@ def status_socket(tmp_path):
                 conn, _ = srv.accept()
             except OSError:
                 continue
-            with conn:
-                try:
-                    conn.sendall(data)
-                except OSError:
-                    pass
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(data)
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()

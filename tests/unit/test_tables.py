@@ -71,7 +71,7 @@ def check_every_cell(result: dict, width: int = 80) -> list[str]:
             for name, cells in rows.items():
                 assert len(cells) == len(header), (header, cells)
                 res = result["policies"][name]
-                for h, cell in zip(header[1:], cells[1:]):
+                for h, cell in zip(header[1:], cells[1:], strict=False):
                     want = res["pin_changes_per_vm_hour"] if h == "pin/VMh" else res[r.label][METRIC_OF[h]]
                     assert cell == _fmt(want), (r.label, name, h, cell)
             seen += header[1:]
@@ -140,7 +140,7 @@ def test_fit_tables_splits_keeping_the_first_column_and_rows_in_order():
         assert [b[0] for b in body] == [f"vm-{v}" for v in range(5)]  # same rows, same order
         for b in body:
             v = int(b[0].split("-")[1])
-            for i, cell in zip(range(len(seen), len(seen) + len(b) - 1), b[1:]):
+            for i, cell in zip(range(len(seen), len(seen) + len(b) - 1), b[1:], strict=False):
                 assert cell == f"{v * 1000 + i}.25"
         seen += [str(c.header) for c in t.columns[1:]]
     assert seen == [f"col{i}\nMiB" for i in range(12)]

@@ -35,7 +35,7 @@ def main() -> None:
         avg = np.clip(5 + 60 * daily * (k + 1) / len(VMS) + rng.normal(0, 3, ts.size), 0, 100)
         lo = np.clip(avg - rng.uniform(0, 5, ts.size), 0, 100)
         hi = np.clip(avg + rng.uniform(0, 20, ts.size), 0, 100)
-        rows += [(int(t), vm_id, a, b, c) for t, a, b, c in zip(ts, lo, hi, avg)]
+        rows += [(int(t), vm_id, a, b, c) for t, a, b, c in zip(ts, lo, hi, avg, strict=False)]
     rows.sort(key=lambda r: r[0])  # the real files are in time order
     half = len(rows) // 2
     for n, part in enumerate((rows[:half], rows[half:]), start=1):
