@@ -38,13 +38,13 @@ from rescoin.lab.base import (
     SOCKET_DIR,
     LabError,
 )
-from rescoin.lab.cpio import _Cpio
+from rescoin.lab.cpio import Cpio
 from rescoin.lab.domain import domain_xml, kernel_cmdline
 from rescoin.lab.image import GuestImage, build_image
 from rescoin.lab.lifecycle import agent_stats, lab_down, lab_status, lab_up
 
 __all__ = [
     "AGENT_CHANNEL", "AGENT_TIMEOUT", "DEFAULT_URI", "DISK_DIR", "IMAGE_DIR", "LAB_PREFIX", "LAB_ROOT",
-    "LOG_DIR", "SCENARIOS", "SOCKET_DIR", "GuestImage", "LabError", "_Cpio", "agent_stats", "build_image",
+    "LOG_DIR", "SCENARIOS", "SOCKET_DIR", "GuestImage", "LabError", "Cpio", "agent_stats", "build_image",
     "domain_xml", "kernel_cmdline", "lab_down", "lab_status", "lab_up",
 ]

@@ -40,6 +40,6 @@ class LabError(RescoinError):
     """A problem the operator can fix; the CLI prints it as one line and exits 2."""
 
 
-def _quiet(msg: str) -> None:
-    pass
+def quiet(msg: str) -> None:
+    """The progress callback that says nothing (the default)."""
 

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 
-class _Cpio:
+class Cpio:
     """A newc cpio archive (what the kernel unpacks as initramfs), written in
     order, owned by root, with fixed timestamps so equal inputs give equal bytes."""
 

@@ -48,9 +48,7 @@ def domain_xml(name: str, kernel: str | Path, initrd: str | Path, disk: str | Pa
     if vcpus < 1:
         raise ValueError(f"vcpus must be >= 1, got {vcpus}")
     console_log = console_log if console_log is not None else LOG_DIR / f"{name}.console.log"
-    a = lambda v: quoteattr(str(v))  # noqa: E731 - attribute values, quoted and escaped
-    t = lambda v: escape(str(v))     # noqa: E731 - text content
-    io_attr = " io='native'" if disk_cache in ("none", "directsync") else ""
+    a, t = _attr, _text
     uuid_line = f"\n  <uuid>{t(uuid)}</uuid>" if uuid else ""
     load_meta = f"<load>{t(load)}</load>" if load else ""
     return f"""<domain type='qemu'>
@@ -76,7 +74,26 @@ def domain_xml(name: str, kernel: str | Path, initrd: str | Path, disk: str | Pa
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
-  <devices>
+{_devices_xml(disk, agent_socket, console_log, disk_cache)}</domain>
+"""
+
+
+def _attr(value: object) -> str:
+    """An XML attribute value, quoted and escaped."""
+    return quoteattr(str(value))
+
+
+def _text(value: object) -> str:
+    """XML text content, escaped."""
+    return escape(str(value))
+
+
+def _devices_xml(disk: str | Path, agent_socket: str | Path, console_log: str | Path, disk_cache: str) -> str:
+    """The ``<devices>`` of a lab VM: raw virtio disk, serial console into a file,
+    the agent's virtio-serial channel and the balloon."""
+    a = _attr
+    io_attr = " io='native'" if disk_cache in ("none", "directsync") else ""
+    return f"""  <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='raw' cache={a(disk_cache)}{io_attr}/>
       <source file={a(disk)}/>
@@ -99,5 +116,4 @@ def domain_xml(name: str, kernel: str | Path, initrd: str | Path, disk: str | Pa
       <stats period='2'/>
     </memballoon>
   </devices>
-</domain>
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -19,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rescoin.lab.apt import fetch_debs, resolve_packages, run
 from rescoin.lab.base import (
     AGENT_CHANNEL,
     AGENT_SOURCE,
@@ -26,16 +26,11 @@ from rescoin.lab.base import (
     LOADGEN_SOURCE,
     LabError,
     Progress,
-    _quiet,
+    quiet,
 )
-from rescoin.lab.cpio import _Cpio
+from rescoin.lab.cpio import Cpio
 
-# =============================================================================
-# Guest image
-# =============================================================================
 IMAGE_FORMAT = 1               # bump when the builder changes what it produces
-KERNEL_META = "linux-image-cloud-amd64"
-PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib")
 PYTHON = "python3.11"
 # load order (DESIGN.md 13): virtio_ring before virtio; dependencies found in the
 # modules' own .modinfo are loaded first anyway
@@ -115,92 +110,10 @@ class GuestImage:
     manifest: dict
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict | None = None) -> str:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise LabError(f"{what}: {cmd[0]} not found (run scripts/setup-host)") from None
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        raise LabError(f"{what} failed: {detail[-1] if detail else f'exit status {done.returncode}'}")
-    return done.stdout
-
-
-def _resolve_packages(say: Progress) -> dict[str, str]:
-    """Package name -> version for the kernel (the real package behind the
-    ``linux-image-cloud-amd64`` meta package) and the Python packages."""
-
-    def query() -> dict[str, str]:
-        deps = subprocess.run(["apt-cache", "depends", KERNEL_META], capture_output=True, text=True)
-        m = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)\b", deps.stdout)
-        if not m:
-            return {}
-        names = [m.group(1), *PYTHON_PACKAGES]
-        show = subprocess.run(["apt-cache", "show", "--no-all-versions", *names], capture_output=True, text=True)
-        found: dict[str, str] = {}
-        for block in show.stdout.split("\n\n"):
-            pkg = re.search(r"^Package: (\S+)", block, re.M)
-            ver = re.search(r"^Version: (\S+)", block, re.M)
-            if pkg and ver and pkg.group(1) in names:
-                found.setdefault(pkg.group(1), ver.group(1))
-        return found if len(found) == len(names) else {}
-
-    try:
-        found = query()
-        if not found and os.geteuid() == 0:
-            say("package lists do not know the guest packages; running apt-get update")
-            _run(["apt-get", "update", "-q"], "apt-get update")
-            found = query()
-    except FileNotFoundError:
-        raise LabError("apt-cache not found: the guest image is built from Debian packages") from None
-    if not found:
-        raise LabError(f"apt cannot find {KERNEL_META} and {', '.join(PYTHON_PACKAGES)} "
-                       "(run 'apt-get update' as root; the Debian main archive must be reachable)")
-    return found
-
-
-def _fetch_debs(packages: dict[str, str], debs: Path, say: Progress) -> list[Path]:
-    """The .deb files of these exact versions, downloaded once into ``debs``."""
-    debs.mkdir(parents=True, exist_ok=True)
-    have = {}
-    for f in debs.glob("*.deb"):
-        name, _, rest = f.name.partition("_")
-        have[(name, rest.rsplit("_", 1)[0].replace("%3a", ":"))] = f
-    missing = [p for p, v in packages.items() if (p, v) not in have]
-    if missing:
-        say(f"downloading {', '.join(missing)}")
-        with tempfile.TemporaryDirectory(dir=debs) as tmp:
-            with contextlib.suppress(LookupError, OSError):   # let apt's unprivileged download user write here
-                shutil.chown(tmp, user="_apt")
-            _run(["apt-get", "download", "-q", *(f"{p}={packages[p]}" for p in missing)],
-                 "apt-get download", cwd=Path(tmp))
-            for f in Path(tmp).glob("*.deb"):
-                name, _, rest = f.name.partition("_")
-                target = debs / f.name
-                os.replace(f, target)
-                have[(name, rest.rsplit("_", 1)[0].replace("%3a", ":"))] = target
-        for old in debs.glob("*.deb"):   # drop superseded versions of the same packages
-            name = old.name.partition("_")[0]
-            if name in packages and old not in {have.get((name, packages[name]))}:
-                old.unlink(missing_ok=True)
-    try:
-        return [have[(p, v)] for p, v in packages.items()]
-    except KeyError as e:
-        raise LabError(f"apt-get download did not produce {e.args[0][0]} {e.args[0][1]}") from None
-
-
 def _modinfo(ko: bytes) -> dict[str, str]:
     """key=value strings of a kernel module's .modinfo section (good enough: the
     keys we read, ``depends`` and ``name``, do not occur elsewhere)."""
-    out = {}
+    out: dict[str, str] = {}
     for m in re.finditer(rb"(?:^|\x00)(depends|name|vermagic)=([^\x00]*)", ko):
         out.setdefault(m.group(1).decode(), m.group(2).decode(errors="replace"))
     return out
@@ -225,7 +138,7 @@ def _collect_modules(kroot: Path, wanted: Iterable[str]) -> tuple[list[tuple[str
     moddir = next(kroot.glob("lib/modules/*/kernel")).parent
     builtin_text = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
     builtin = {Path(line).name.split(".ko")[0].replace("-", "_") for line in builtin_text.split()}
-    files = {}
+    files: dict[str, Path] = {}
     for f in moddir.rglob("*.ko*"):
         files.setdefault(f.name.split(".ko")[0].replace("-", "_"), f)
     order: list[tuple[str, bytes]] = []
@@ -304,9 +217,24 @@ def build_image(agent: str | Path | None = None, *, force: bool = False, refresh
     versions found by the first build are kept); ``force`` rebuilds even when
     the cache holds this image. Needs write access to ``cache_dir`` and apt.
     """
-    say = progress or _quiet
+    say = progress or quiet
     agent = Path(agent) if agent is not None else AGENT_SOURCE
     cache = Path(cache_dir)
+    _check_inputs(agent, cache)
+    packages = _pinned_packages(cache, refresh, say)
+    key = _image_key(agent, packages)
+    out = cache / key
+    if not force and (hit := _cached(out, key)):
+        return hit
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # one builder at a time
+        if not force and (hit := _cached(out, key)):       # somebody else just built it
+            return hit
+        return _build_into(out, agent, packages, say)
+
+
+def _check_inputs(agent: Path, cache: Path) -> None:
+    """Fail early, with a hint, when an input is missing or the cache is not writable."""
     for p, what in ((agent, "guest agent"), (LOADGEN_SOURCE, "load generator"), (BUSYBOX, "busybox")):
         if not p.is_file():
             hint = " (apt-get install busybox-static, or run scripts/setup-host)" if p == BUSYBOX else ""
@@ -318,6 +246,9 @@ def build_image(agent: str | Path | None = None, *, force: bool = False, refresh
     if not os.access(cache, os.W_OK):
         raise LabError(f"cannot write the image cache {cache} (run as root)")
 
+
+def _pinned_packages(cache: Path, refresh: bool, say: Progress) -> dict[str, str]:
+    """The package versions the first build chose (kept in the cache), or apt's newest with ``refresh``."""
     pinned = cache / "packages.json"
     packages = None
     if pinned.exists() and not refresh:
@@ -326,42 +257,41 @@ def build_image(agent: str | Path | None = None, *, force: bool = False, refresh
         except ValueError:
             packages = None
     if not packages:
-        packages = _resolve_packages(say)
+        packages = resolve_packages(say)
         _atomic_write(pinned, json.dumps(packages, indent=1, sort_keys=True).encode())
-    key = _image_key(agent, packages)
-    out = cache / key
+    return packages
 
-    def cached() -> GuestImage | None:
-        try:
-            manifest = json.loads((out / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not _host_files_unchanged(manifest):
-            return None
-        return GuestImage(out / "vmlinuz", out / "initrd.gz", key, manifest)
 
-    if not force and (hit := cached()):
-        return hit
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)          # one builder at a time
-        if not force and (hit := cached()):       # somebody else just built it
-            return hit
-        t0 = time.monotonic()
-        say(f"building guest image {key} in {out}")
-        debs = _fetch_debs(packages, cache / "debs", say)
-        with tempfile.TemporaryDirectory(dir=cache, prefix=f".build-{key}-") as tmp:
-            stage = Path(tmp)
-            manifest = _build(agent, packages, debs, stage, say)
-            manifest.update(key=key, build_seconds=round(time.monotonic() - t0, 1),
-                            built=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            (stage / "out" / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(stage / "out", out)
-        _prune(cache, keep=out)
-        say(f"guest image ready in {manifest['build_seconds']:.1f} s: initramfs "
-            f"{manifest['initrd_bytes'] / 2**20:.1f} MiB, kernel {manifest['kernel_bytes'] / 2**20:.1f} MiB")
-        return GuestImage(out / "vmlinuz", out / "initrd.gz", key, manifest)
+def _cached(out: Path, key: str) -> GuestImage | None:
+    """The image in ``out`` if it is complete and the host files it copied have not changed."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not _host_files_unchanged(manifest):
+        return None
+    return GuestImage(out / "vmlinuz", out / "initrd.gz", key, manifest)
+
+
+def _build_into(out: Path, agent: Path, packages: dict[str, str], say: Progress) -> GuestImage:
+    """Build the image in a staging directory next to ``out``, then move it into place (under the lock)."""
+    cache, key = out.parent, out.name
+    t0 = time.monotonic()
+    say(f"building guest image {key} in {out}")
+    debs = fetch_debs(packages, cache / "debs", say)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".build-{key}-") as tmp:
+        stage = Path(tmp)
+        manifest = _build(agent, packages, debs, stage, say)
+        manifest.update(key=key, build_seconds=round(time.monotonic() - t0, 1),
+                        built=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        (stage / "out" / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage / "out", out)
+    _prune(cache, keep=out)
+    say(f"guest image ready in {manifest['build_seconds']:.1f} s: initramfs "
+        f"{manifest['initrd_bytes'] / 2**20:.1f} MiB, kernel {manifest['kernel_bytes'] / 2**20:.1f} MiB")
+    return GuestImage(out / "vmlinuz", out / "initrd.gz", key, manifest)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -380,96 +310,21 @@ def _prune(cache: Path, keep: Path, how_many: int = 3) -> None:
 
 
 def _build(agent: Path, packages: dict[str, str], debs: list[Path], stage: Path, say: Progress) -> dict:
+    """Unpack the packages into ``stage`` and make ``stage/out/{vmlinuz,initrd.gz}``; returns the manifest."""
     pkgroot = stage / "pkgroot"
     for deb in debs:
         say(f"unpacking {deb.name}")
-        _run(["dpkg-deb", "-x", str(deb), str(pkgroot)], f"dpkg -x {deb.name}")
+        run(["dpkg-deb", "-x", str(deb), str(pkgroot)], f"dpkg -x {deb.name}")
     (stage / "out").mkdir()
-
-    # kernel and modules
-    kernel = next(pkgroot.glob("boot/vmlinuz-*"), None)
-    if kernel is None:
-        raise LabError("the kernel package has no /boot/vmlinuz-*")
-    kver = kernel.name[len("vmlinuz-"):]
-    shutil.copyfile(kernel, stage / "out" / "vmlinuz")
-    modules, builtin = _collect_modules(pkgroot, MODULES)
-    say(f"kernel {kver}: modules {' '.join(n for n, _ in modules)}"
-        + (f" (built in: {' '.join(builtin)})" if builtin else ""))
-
-    # python: drop what the agent and the load generator never use
+    kver, modules, builtin = _take_kernel(pkgroot, stage / "out" / "vmlinuz", say)
     pylib = pkgroot / "usr" / "lib" / PYTHON
     pybin = pkgroot / "usr" / "bin" / PYTHON
-    for name in STDLIB_DROP:
-        p = pylib / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-    for p in list(pylib.rglob("__pycache__")):
-        shutil.rmtree(p, ignore_errors=True)
-    dynload = pylib / "lib-dynload"
-    for so in dynload.glob("*.so"):
-        if DYNLOAD_DROP.match(so.name):
-            so.unlink()
-
-    # shared libraries: what python and the extensions the agent needs link to
-    needed: dict[str, str] = {}
-    for path in [pybin, *(next(dynload.glob(f"{e}.*.so")) for e in PYTHON_EXTENSIONS_NEEDED)]:
-        for soname, target in _ldd(path).items():
-            if not target:
-                raise LabError(f"{path.name} needs {soname}, which this host does not have "
-                               "(install the Debian package that ships it)")
-            needed[soname] = target
-    dropped = []
-    for so in sorted(dynload.glob("*.so")):     # extensions needing anything else cannot load
-        if any(s not in needed for s in _ldd(so)):
-            so.unlink()
-            dropped.append(so.name.split(".")[0])
-    if dropped:
-        say(f"python extensions left out (their libraries are not in the image): {' '.join(dropped)}")
-
-    # byte-compile with the guest's own interpreter (same magic number, same
-    # paths as in the guest); unchecked-hash pycs never look at timestamps
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
-    say("byte-compiling the standard library")
-    _run([str(pybin), "-E", "-S", "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
-          "-s", str(pkgroot), "-p", "/", str(pylib)], "byte-compiling the standard library", env=env)
-    # check the result imports what the agent needs, with the libraries we ship
-    _run([str(pybin), "-E", "-S", "-c", "import json, hashlib, hmac, socket, select, argparse, threading; "
-          "hashlib.sha256; json.dumps({})"], "testing the guest python", env=env)
-
-    # initramfs
+    dynload = _trim_python(pylib)
+    needed, dropped = _shared_libraries(pybin, dynload, say)
+    _compile_python(pkgroot, pybin, pylib, say)
     say("writing the initramfs")
     raw = io.BytesIO()
-    cpio = _Cpio(raw)
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "var/log",
-              "etc/rescoin", "opt/rescoin", "lib/modules", "lib64"):
-        cpio.dir(d)
-    cpio.node("dev/console", stat.S_IFCHR, 5, 1)
-    cpio.node("dev/null", stat.S_IFCHR, 1, 3, 0o666)
-    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
-    cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
-    applets = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True).stdout.split()
-    for applet in applets:
-        if applet != "bin/busybox":
-            cpio.symlink(applet, "/bin/busybox")
-    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-    cpio.file("etc/group", b"root:x:0:\n")
-    cpio.file("etc/rescoin/modules", "".join(f"{n}\n" for n, _ in modules).encode())
-    for name, data in modules:
-        cpio.file(f"lib/modules/{name}.ko", data)
-    cpio.file(f"usr/bin/{PYTHON}", pybin.read_bytes(), 0o755)
-    cpio.symlink("usr/bin/python3", PYTHON)
-    cpio.tree(pylib, f"usr/lib/{PYTHON}")
-    host_files = {}
-    for _soname, target in sorted(needed.items()):
-        real = os.path.realpath(target)
-        st = os.stat(real)
-        host_files[real] = [st.st_size, st.st_mtime_ns]
-        cpio.file(target, Path(real).read_bytes(), 0o755)
-    cpio.file("opt/rescoin/rescoin_agent.py", agent.read_bytes(), 0o755)
-    cpio.file("opt/rescoin/loadgen.py", LOADGEN_SOURCE.read_bytes(), 0o755)
-    cpio.close()
+    host_files = _write_initramfs(Cpio(raw), agent, modules, pybin, pylib, needed)
     initrd = stage / "out" / "initrd.gz"
     with open(initrd, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=9, mtime=0) as gz:
         gz.write(raw.getvalue())
@@ -489,6 +344,98 @@ def _build(agent: Path, packages: dict[str, str], debs: list[Path], stage: Path,
     }
 
 
-# =============================================================================
-# Domain XML
-# =============================================================================
+def _take_kernel(pkgroot: Path, vmlinuz: Path, say: Progress) -> tuple[str, list[tuple[str, bytes]], list[str]]:
+    """Copy the kernel to ``vmlinuz``; returns its version, the modules to load and those built in."""
+    kernel = next(pkgroot.glob("boot/vmlinuz-*"), None)
+    if kernel is None:
+        raise LabError("the kernel package has no /boot/vmlinuz-*")
+    kver = kernel.name[len("vmlinuz-"):]
+    shutil.copyfile(kernel, vmlinuz)
+    modules, builtin = _collect_modules(pkgroot, MODULES)
+    say(f"kernel {kver}: modules {' '.join(n for n, _ in modules)}"
+        + (f" (built in: {' '.join(builtin)})" if builtin else ""))
+    return kver, modules, builtin
+
+
+def _trim_python(pylib: Path) -> Path:
+    """Drop what the agent and the load generator never use; returns lib-dynload."""
+    for name in STDLIB_DROP:
+        p = pylib / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    for p in list(pylib.rglob("__pycache__")):
+        shutil.rmtree(p, ignore_errors=True)
+    dynload = pylib / "lib-dynload"
+    for so in dynload.glob("*.so"):
+        if DYNLOAD_DROP.match(so.name):
+            so.unlink()
+    return dynload
+
+
+def _shared_libraries(pybin: Path, dynload: Path, say: Progress) -> tuple[dict[str, str], list[str]]:
+    """The host libraries python and the extensions the agent needs link to (soname -> path),
+    and the extensions left out because they need anything else."""
+    needed: dict[str, str] = {}
+    for path in [pybin, *(next(dynload.glob(f"{e}.*.so")) for e in PYTHON_EXTENSIONS_NEEDED)]:
+        for soname, target in _ldd(path).items():
+            if not target:
+                raise LabError(f"{path.name} needs {soname}, which this host does not have "
+                               "(install the Debian package that ships it)")
+            needed[soname] = target
+    dropped = []
+    for so in sorted(dynload.glob("*.so")):     # extensions needing anything else cannot load
+        if any(s not in needed for s in _ldd(so)):
+            so.unlink()
+            dropped.append(so.name.split(".")[0])
+    if dropped:
+        say(f"python extensions left out (their libraries are not in the image): {' '.join(dropped)}")
+    return needed, dropped
+
+
+def _compile_python(pkgroot: Path, pybin: Path, pylib: Path, say: Progress) -> None:
+    """Byte-compile with the guest's own interpreter (same magic number, same
+    paths as in the guest; unchecked-hash pycs never look at timestamps), then
+    check it imports what the agent needs, with the libraries we ship."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    say("byte-compiling the standard library")
+    run([str(pybin), "-E", "-S", "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash",
+          "-s", str(pkgroot), "-p", "/", str(pylib)], "byte-compiling the standard library", env=env)
+    run([str(pybin), "-E", "-S", "-c", "import json, hashlib, hmac, socket, select, argparse, threading; "
+          "hashlib.sha256; json.dumps({})"], "testing the guest python", env=env)
+
+
+def _write_initramfs(cpio: Cpio, agent: Path, modules: list[tuple[str, bytes]], pybin: Path, pylib: Path,
+                     needed: dict[str, str]) -> dict[str, list[int]]:
+    """Write the whole initramfs into ``cpio`` (and close it); returns the host
+    files copied in (path -> [size, mtime_ns]) so a change to them rebuilds."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "var/log",
+              "etc/rescoin", "opt/rescoin", "lib/modules", "lib64"):
+        cpio.dir(d)
+    cpio.node("dev/console", stat.S_IFCHR, 5, 1)
+    cpio.node("dev/null", stat.S_IFCHR, 1, 3, 0o666)
+    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    applets = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True).stdout.split()
+    for applet in applets:
+        if applet != "bin/busybox":
+            cpio.symlink(applet, "/bin/busybox")
+    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.file("etc/group", b"root:x:0:\n")
+    cpio.file("etc/rescoin/modules", "".join(f"{n}\n" for n, _ in modules).encode())
+    for name, data in modules:
+        cpio.file(f"lib/modules/{name}.ko", data)
+    cpio.file(f"usr/bin/{PYTHON}", pybin.read_bytes(), 0o755)
+    cpio.symlink("usr/bin/python3", PYTHON)
+    cpio.tree(pylib, f"usr/lib/{PYTHON}")
+    host_files: dict[str, list[int]] = {}
+    for target in (needed[soname] for soname in sorted(needed)):
+        real = os.path.realpath(target)
+        st = os.stat(real)
+        host_files[real] = [st.st_size, st.st_mtime_ns]
+        cpio.file(target, Path(real).read_bytes(), 0o755)
+    cpio.file("opt/rescoin/rescoin_agent.py", agent.read_bytes(), 0o755)
+    cpio.file("opt/rescoin/loadgen.py", LOADGEN_SOURCE.read_bytes(), 0o755)
+    cpio.close()
+    return host_files

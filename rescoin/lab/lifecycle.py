@@ -21,7 +21,7 @@ from rescoin.lab.base import (
     SOCKET_DIR,
     LabError,
     Progress,
-    _quiet,
+    quiet,
 )
 from rescoin.lab.domain import domain_xml
 from rescoin.lab.image import build_image
@@ -100,7 +100,7 @@ def lab_up(vms: int = 3, scenario: str = "mixed", uri: str = DEFAULT_URI, memory
     loads of ``scenario``; wait (at most ``timeout`` s) until each one's agent
     answers on its socket. Lab VMs left from before are removed first.
     Returns the domain names."""
-    say = progress or _quiet
+    say = progress or quiet
     specs = check_scenario(scenario)
     if vms < 1:
         raise LabError(f"--vms must be >= 1, got {vms}")
@@ -237,7 +237,7 @@ def lab_status(uri: str = DEFAULT_URI, agent_timeout: float = 1.0) -> list[dict]
             load = next((w.split("=", 1)[1] for w in cmdline.split() if w.startswith("rescoin.load=")), "")
             sock = root.find("devices/channel/source")
             sock_path = sock.get("path") if sock is not None else str(SOCKET_DIR / f"{dom.name()}.agent")
-            report = agent_stats(sock_path, timeout=agent_timeout) if state == 1 else None
+            report = agent_stats(sock_path, timeout=agent_timeout) if state == 1 and sock_path else None
             rows.append({
                 "name": dom.name(),
                 "uuid": dom.UUIDString(),

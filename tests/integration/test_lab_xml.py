@@ -237,7 +237,7 @@ def test_cpio_archive_reads_back(tmp_path):
     (tmp_path / "tree" / "sub" / "f.txt").write_text("hello")
     (tmp_path / "tree" / "link").symlink_to("sub/f.txt")
     buf = io.BytesIO()
-    cpio = lab._Cpio(buf)
+    cpio = lab.Cpio(buf)
     cpio.file("init", b"#!/bin/sh\n", 0o755)
     cpio.symlink("bin/sh", "/bin/busybox")
     cpio.tree(tmp_path / "tree", "usr/lib/x")
