@@ -25,10 +25,12 @@ from rescoin.lab.lifecycle import check_scenario
 
 
 def _stderr(msg: str) -> None:
+    """Progress lines go to stderr, so stdout stays the result."""
     print(f"rescoin lab: {msg}", file=sys.stderr, flush=True)
 
 
 def _cli(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print a RescoinError as one line and return its exit code (the lab itself only raises)."""
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
@@ -38,7 +40,7 @@ def _cli(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
     return run
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
+def cmd_up(args: argparse.Namespace) -> int:
     check_scenario(args.scenario)
     t0 = time.monotonic()
     names = lab_up(args.vms, args.scenario, args.uri, args.memory, args.max_memory, args.vcpus,
@@ -49,13 +51,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_down(args: argparse.Namespace) -> int:
+def cmd_down(args: argparse.Namespace) -> int:
     n = lab_down(args.uri)
     print(f"removed {n} lab VM(s)" if n else "no lab VMs")
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     rows = lab_status(args.uri)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -72,7 +74,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_image(args: argparse.Namespace) -> int:
+def cmd_image(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     image = build_image(agent=args.agent, force=args.force, refresh=args.refresh, progress=_stderr)
     m = image.manifest
@@ -112,20 +114,20 @@ def add_lab_parser(subparsers) -> None:
                     help=f"seconds to wait for the agents (default {AGENT_TIMEOUT:.0f})")
     up.add_argument("--no-wait", action="store_true", help="do not wait for the agents to answer")
     up.add_argument("--agent", metavar="PATH", help=argparse.SUPPRESS)
-    up.set_defaults(func=_cli(_cmd_up))
+    up.set_defaults(func=_cli(cmd_up))
 
     down = actions.add_parser("down", help="destroy and undefine every lab VM, remove disks and sockets",
                               description="Destroy and undefine every rescoin-lab-* domain and remove their "
                                           "disks and agent sockets. Safe to run again.")
     uri(down)
-    down.set_defaults(func=_cli(_cmd_down))
+    down.set_defaults(func=_cli(cmd_down))
 
     status = actions.add_parser("status", help="list the lab VMs, their memory and whether their agents answer",
                                 description="One line per lab VM: state, vCPUs, balloon/max memory, the "
                                             "guest's MemTotal as its agent reports it, and its load.")
     uri(status)
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.set_defaults(func=_cli(_cmd_status))
+    status.set_defaults(func=_cli(cmd_status))
 
     image = actions.add_parser("image", help="build (or show the cached) guest kernel and initramfs",
                                description=f"Build the guest image into {IMAGE_DIR}/<key>/ from Debian "
@@ -135,4 +137,4 @@ def add_lab_parser(subparsers) -> None:
                        help="ask apt again for the newest kernel and Python packages")
     image.add_argument("--agent", metavar="PATH", help="guest agent script to put in the image "
                                                        "(default guest_agent/rescoin_agent.py)")
-    image.set_defaults(func=_cli(_cmd_image))
+    image.set_defaults(func=_cli(cmd_image))
