@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 
 pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test` (scripts/setup-host)")
 
+from raw_agent import agent_request  # noqa: E402  (tests/e2e/raw_agent.py)
 from test_real_vms import PERIOD, Daemon, agent, balloon_mib, conn, dom, wait_for  # noqa: E402,F401 - conn: fixture
 
 from rescoin import lab  # noqa: E402
@@ -52,7 +53,7 @@ def used_mib(name: str) -> float | None:
 
 def test_lying_agent_neither_reaches_its_maximum_nor_squeezes_honest_guests(conn, guests, tmp_path):  # noqa: F811
     liar, honest = NAMES[0], NAMES[1:]
-    reply = lab.agent_request(lab.SOCKET_DIR / f"{liar}.agent", op="chaos", mode="lie", timeout=5.0)
+    reply = agent_request(lab.SOCKET_DIR / f"{liar}.agent", op="chaos", mode="lie", timeout=5.0)
     assert reply and reply.get("chaos") == "lie", reply
     daemon = Daemon(tmp_path, "--host-memory", str(HOST_MEMORY))
     g = GuardConfig()

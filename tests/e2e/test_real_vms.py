@@ -23,6 +23,8 @@ pytestmark = pytest.mark.e2e
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by `make test` (scripts/setup-host)")
 
+from raw_agent import agent_request  # noqa: E402  (tests/e2e/raw_agent.py)
+
 from rescoin import lab  # noqa: E402
 from rescoin.core.guard import blkio_weights  # noqa: E402
 
@@ -111,7 +113,7 @@ def balloon_mib(conn, name) -> float:
 
 
 def agent(name: str) -> dict | None:
-    return lab.agent_request(lab.SOCKET_DIR / f"{name}.agent", timeout=5.0)
+    return agent_request(lab.SOCKET_DIR / f"{name}.agent", timeout=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +223,11 @@ def test_agent_killed_garbage_hang_loop_goes_on(conn, vms, daemon):
     sock = lab.SOCKET_DIR / f"{NAMES[3]}.agent"
     for mode in ("garbage", "hang"):
         before = daemon.periods()
-        lab.agent_request(sock, op="chaos", mode=mode, timeout=5.0)
+        agent_request(sock, op="chaos", mode=mode, timeout=5.0)
         wait_for(f"periods going on with the agent in mode {mode}", lambda: daemon.periods() >= before + 3, timeout=30)
-        lab.agent_request(sock, op="chaos", mode="normal", timeout=5.0)
+        agent_request(sock, op="chaos", mode="normal", timeout=5.0)
     before = daemon.periods()
-    lab.agent_request(sock, op="chaos", mode="exit", timeout=5.0)
+    agent_request(sock, op="chaos", mode="exit", timeout=5.0)
     wait_for("periods going on after the agent died", lambda: daemon.periods() >= before + 3, timeout=30)
     h = daemon.frame()
     mem = h[(h.resource == "memory") & (h.vm_name == NAMES[3])].sort_values("ts")

@@ -15,7 +15,8 @@ from xml.etree import ElementTree
 import pytest
 
 from rescoin import lab
-from rescoin.lab import AGENT_CHANNEL, LAB_PREFIX, SCENARIOS, domain_xml
+from rescoin.cli.lab import add_lab_parser
+from rescoin.lab import AGENT_CHANNEL, LAB_PREFIX, SCENARIOS, domain_xml, lifecycle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,7 +172,7 @@ def test_status_lists_lab_domains_of_the_test_driver():
 # -- the CLI ----------------------------------------------------------------------------
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="rescoin")
-    lab.add_lab_parser(parser.add_subparsers(dest="command"))
+    add_lab_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -206,7 +207,7 @@ def test_unknown_scenario_is_one_line(capsys):
 
 
 def test_not_root_is_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(lab.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(lifecycle.os, "geteuid", lambda: 1000)
     assert "needs root" in _one_line_error(_parse(["lab", "up"]), capsys)
     assert "needs root" in _one_line_error(_parse(["lab", "down"]), capsys)
 
@@ -236,7 +237,7 @@ def test_cpio_archive_reads_back(tmp_path):
     (tmp_path / "tree" / "sub" / "f.txt").write_text("hello")
     (tmp_path / "tree" / "link").symlink_to("sub/f.txt")
     buf = io.BytesIO()
-    cpio = lab._Cpio(buf)
+    cpio = lab.Cpio(buf)
     cpio.file("init", b"#!/bin/sh\n", 0o755)
     cpio.symlink("bin/sh", "/bin/busybox")
     cpio.tree(tmp_path / "tree", "usr/lib/x")
