@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     from rescoin.lab import add_lab_parser
-    from rescoin.offline.analysis import add_analyze_parser
+    from rescoin.cli.analyze import add_analyze_parser
     from rescoin.offline.fit import add_fit_parser
     from rescoin.ops.deploy import add_agent_parser
 
