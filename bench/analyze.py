@@ -84,7 +84,7 @@ def main() -> None:
         else:
             made = make_history(hist, args.vms, args.days, args.policy)
             gen = time.perf_counter() - t0
-        cmd = [sys.executable, "-m", "rescoin.offline.analysis", str(hist), "--format", "json"]
+        cmd = [sys.executable, "-m", "rescoin", "analyze", str(hist), "--format", "json"]
         runs = {"analyze": cmd}
         if args.report:
             runs["analyze --report"] = cmd + ["--report", str(Path(tmp) / "report")]

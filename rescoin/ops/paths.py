@@ -2,8 +2,8 @@
 
 The rule behind every function here: rescoin never renames, overwrites or
 changes the mode of a path it did not create. A path it cannot use is a
-``PathError`` (a ``ConfigError``, so ``rescoin run`` prints it as one line
-and exits non-zero). A lock is rescoin's own small file holding the pid of
+``PathError`` (from ``rescoin.pathcheck``, shared with the history writer; ``rescoin run``
+prints it as one line and exits non-zero). A lock is rescoin's own small file holding the pid of
 the daemon that uses the path; ``flock`` makes a lock left by a dead daemon
 free again, so only a running daemon blocks a second one.
 """
@@ -13,38 +13,13 @@ import errno
 import fcntl
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from rescoin.ops.config import ConfigError
+from rescoin.pathcheck import PathError, reason, writable_dir
+
+__all__ = ["PathError", "PathLock", "reason", "writable_dir"]
 
 _LOCK_TEXT = re.compile(rb"(rescoin pid \d+\n)?")
-
-
-class PathError(ConfigError):
-    """A path from the configuration or the command line that rescoin cannot use; said in one line."""
-
-
-def reason(e: OSError) -> str:
-    """``Read-only file system`` rather than ``[Errno 30] Read-only file system: '/x'``."""
-    return e.strerror or str(e)
-
-
-def writable_dir(path: str | Path, what: str) -> Path:
-    """``path`` as a directory rescoin can write in, created if missing; PathError if it cannot be."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise PathError(f"{what} {path} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PathError(f"{what} {path} cannot be created: {reason(e)}") from None
-    try:
-        with tempfile.TemporaryFile(dir=path, prefix=".rescoin-probe-"):
-            pass  # a real write: as root, permission bits say nothing about EROFS or chattr +i
-    except OSError as e:
-        raise PathError(f"{what} {path} is not writable: {reason(e)}") from None
-    return path
 
 
 class PathLock:

@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from rescoin.cli import main
+from rescoin.cli.analyze import add_analyze_parser
 from rescoin.core.history import History
 from rescoin.core.resources import N_RES
-from rescoin.offline.analysis import add_analyze_parser, analyze, load_history, main
+from rescoin.offline.analysis import analyze, load_history
 from rescoin.offline.historycsv import HEADER, HistoryWriter
 
 
@@ -46,7 +48,7 @@ def write_tiny(path: Path) -> Path:
 
 
 def run_main(argv, capsys):
-    code = main(argv)
+    code = main(["analyze", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
