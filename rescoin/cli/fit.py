@@ -147,18 +147,6 @@ def _progress_ticker(bar):
     return make_tick
 
 
-def _progress_ticker(bar):
-    current = {}
-
-    def make_tick(label: str, total: int):
-        if "task" in current:
-            bar.remove_task(current["task"])
-        task = current["task"] = bar.add_task(label, total=total)
-        return lambda: bar.advance(task)
-
-    return make_tick
-
-
 def _models(args: argparse.Namespace) -> tuple[PaddedEWMA, PaddedEWMA | None, Path | None]:
     """The base and --check models and the -o path, all checked before the (slow) history load and fit."""
     if not args.output and not args.check:

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from rescoin.cli.fit import main
 from rescoin.core.history import History
 from rescoin.core.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
 from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES, Resource
-from rescoin.cli.fit import main
 from rescoin.offline.fit import FIT, FITTED, HELD, Series, check_table, fit, parts, replay
 from rescoin.offline.historycsv import HistoryWriter
 

@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rescoin import __version__
-from rescoin.core.predict import MODELS_DIR, PaddedEWMA, PredictorParams, load_model
+from rescoin.core.predict import PaddedEWMA, PredictorParams, load_model
 from rescoin.core.resources import RESOURCES
 from rescoin.offline.analysis import HistoryData
 from rescoin.offline.fit.search import FitResult
 from rescoin.offline.fit.series import FIT, FITTED, HELD, PER_VM_DAYS, Series, parts, replay
+from rescoin.shipped import MODELS_DIR
 
 
 def _num(x) -> float | None:

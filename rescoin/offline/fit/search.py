@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,8 @@ def _per_vm_result(ctx: _Search, fitted: dict[Resource, PredictorParams], fitted
         u = str(ctx.s.uuids[v])
         for r in RESOURCES:
             if ctx.eligible[v, r] and ctx.has_data[r]:
-                vm_params.setdefault(u, {})[r] = replace(fitted[r], **{n: float(own[n][v, r]) for n in FITTED})
+                values: dict[str, Any] = {n: float(own[n][v, r]) for n in FITTED}
+                vm_params.setdefault(u, {})[r] = replace(fitted[r], **values)
                 vm_loss.setdefault(u, {})[r] = (float(own_l[v, r]), float(shared_l[v, r]))
     return vm_params, vm_loss, per_vm_sums
 

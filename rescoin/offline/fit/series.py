@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from rescoin.core.history import History
-from rescoin.core.model import Observation, VMSet
-from rescoin.core.predict import MODELS_DIR, PaddedEWMA, PredictorParams
+from rescoin.core.model import Controls, Observation, VMSet
+from rescoin.core.predict import PaddedEWMA, PredictorParams
 from rescoin.core.resources import N_RES, RESOURCES, HostCapacity, Resource
 from rescoin.offline.analysis import HistoryData, HistoryError
+from rescoin.shipped import MODELS_DIR
 
 FITTED = ("alpha_up", "alpha_down", "pad_error", "pad_std", "pad_frac")
 GRID: dict[str, tuple[float, ...]] = {
@@ -137,13 +139,14 @@ def replay(pred: PaddedEWMA, s: Series, part: np.ndarray, k: int = 1,
     vms = _rows_vmset(n)
     host = HostCapacity("fit", np.ones(N_RES), 1)
     h = History(window=2)
+    controls, age = Controls.defaults(vms), np.zeros(n, dtype=np.intp)  # typed fillers: replay reads neither
     acc = np.zeros((3, k, V * N_RES * 3))  # under, over, usage; (k, V*R*part) with the part last
     col = np.arange(V * N_RES) * 3
     for t in range(T):
         u = np.tile(s.usage[t], (k, 1))
         sig = np.tile(s.signal[t], (k, 1))
         h.push(Observation(ts=s.ts[t], interval=s.period, host=host, vms=vms, usage=u, signal=sig,
-                           controls=None, age=None))
+                           controls=controls, age=age))
         value = pred.predict(h).value
         if t + 1 < T:
             nxt = s.usage[t + 1].reshape(1, V * N_RES)
@@ -163,4 +166,8 @@ def replay(pred: PaddedEWMA, s: Series, part: np.ndarray, k: int = 1,
 
 def params_for(base: dict[Resource, PredictorParams], values: dict[str, np.ndarray]) -> dict[Resource, PredictorParams]:
     """Per-resource parameters with the fitted ones from ``values[name]`` (each ``(N_RES,)``)."""
-    return {r: replace(base[r], **{n: float(values[n][int(r)]) for n in FITTED}) for r in RESOURCES}
+    out = {}
+    for r in RESOURCES:
+        fitted: dict[str, Any] = {n: float(values[n][int(r)]) for n in FITTED}
+        out[r] = replace(base[r], **fitted)
+    return out
