@@ -350,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     from rescoin.cli.analyze import add_analyze_parser
+    from rescoin.cli.fit import add_fit_parser
     from rescoin.cli.lab import add_lab_parser
-    from rescoin.offline.fit import add_fit_parser
     from rescoin.ops.deploy import add_agent_parser
 
     add_lab_parser(sub)

@@ -30,6 +30,7 @@ from rescoin.lab.base import (
     AGENT_TIMEOUT,
     DEFAULT_URI,
     DISK_DIR,
+    DISK_MIB,
     IMAGE_DIR,
     LAB_PREFIX,
     LAB_ROOT,
@@ -44,7 +45,7 @@ from rescoin.lab.image import GuestImage, build_image
 from rescoin.lab.lifecycle import agent_stats, lab_down, lab_status, lab_up
 
 __all__ = [
-    "AGENT_CHANNEL", "AGENT_TIMEOUT", "DEFAULT_URI", "DISK_DIR", "IMAGE_DIR", "LAB_PREFIX", "LAB_ROOT",
+    "AGENT_CHANNEL", "AGENT_TIMEOUT", "DEFAULT_URI", "DISK_DIR", "DISK_MIB", "IMAGE_DIR", "LAB_PREFIX", "LAB_ROOT",
     "LOG_DIR", "SCENARIOS", "SOCKET_DIR", "GuestImage", "LabError", "Cpio", "agent_stats", "build_image",
     "domain_xml", "kernel_cmdline", "lab_down", "lab_status", "lab_up",
 ]

@@ -9,13 +9,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from rescoin.cli import main as rescoin_main
 from rescoin.core.history import History
 from rescoin.core.predict import PaddedEWMA, PredictorParams, default_predictor, load_model
 from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES, Resource
-from rescoin.offline.fit import FIT, FITTED, HELD, Series, check_table, fit, main, parts, replay
+from rescoin.offline.fit import FIT, FITTED, HELD, Series, check_table, fit, parts, replay
 from rescoin.offline.historycsv import HistoryWriter
 
 PLAIN = PredictorParams(alpha_up=0.9, alpha_down=0.9, hold_last=0.0, growth=1.0)
+
+
+def main(argv: list[str]) -> int:
+    """``rescoin fit ARGV``."""
+    return rescoin_main(["fit", *argv])
 
 
 def plain_base(**kw) -> dict:
@@ -199,7 +205,7 @@ def test_fit_user_errors_are_one_line(tmp_path, kit, capsys, argv, monkeypatch):
 
 
 def test_under_weight_per_resource():
-    from rescoin.offline.fit import UnderWeight
+    from rescoin.cli.fit import UnderWeight
 
     w = UnderWeight.parse("memory=10,cpu=2")
     assert np.asarray(w).tolist() == [2.0, 10.0, 4.0, 4.0]
@@ -224,7 +230,7 @@ def test_under_weight_per_resource():
 def fit_args(argv: list[str]):
     import argparse
 
-    from rescoin.offline.fit import add_fit_parser
+    from rescoin.cli.fit import add_fit_parser
 
     parser = argparse.ArgumentParser()
     add_fit_parser(parser.add_subparsers())
@@ -287,7 +293,7 @@ def test_short_history_warns(periods, tmp_path, kit, capsys):
 
 
 def test_long_enough_history_does_not_warn(tmp_path, kit, capsys, monkeypatch):
-    import rescoin.offline.fit as fitmod
+    import rescoin.offline.fit.series as fitmod
 
     monkeypatch.setattr(fitmod, "WARN_PERIODS", 30)  # the real minimum (a day) would make this test slow
     hist = write_history(tmp_path / "hist", kit, periods=40)
@@ -311,7 +317,7 @@ def test_history_below_the_hard_minimum_is_refused(tmp_path, kit, capsys):
 @pytest.fixture
 def slow_fit_forbidden(monkeypatch):
     """The fit must not run: a bad -o path is reported before it."""
-    import rescoin.offline.fit as fitmod
+    import rescoin.cli.fit as fitmod
 
     def fail(*a, **kw):
         raise AssertionError("the fit ran before the output path was checked")

@@ -388,7 +388,7 @@ def test_azure_without_vmtable_assumes_one_core(tmp_path):
 
 
 def test_azure_chunks_keep_first_appearance_and_line_numbers(tmp_path, monkeypatch):
-    monkeypatch.setattr(traces, "AZURE_CHUNK_ROWS", 4)
+    monkeypatch.setattr(traces.azure, "AZURE_CHUNK_ROWS", 4)  # read where the reader is
     rows = azure_rows()
     write_azure(tmp_path, "a.csv", rows)
     tr = load_trace(tmp_path, vms=1, vm_offset=2)
@@ -426,7 +426,7 @@ def test_fill_gaps_recovers_a_ramp(missing):
     missing = np.array(missing)
     ramp = np.arange(missing.size, dtype=float)
     demand = np.where(missing, np.nan, ramp)[:, None, None] * np.ones((1, 1, N_RES))
-    filled, _ = traces._fill_gaps(demand)
+    filled, _ = traces.fill_gaps(demand)
     got = filled[:, 0, 0]
     ok = ~np.isnan(got)
     np.testing.assert_allclose(got[ok & ~missing], ramp[ok & ~missing])
@@ -585,7 +585,7 @@ def test_messages_use_the_command_line_option_names(tmp_path):
     with pytest.raises(TraceError, match="choose a smaller --start-day"):
         load_trace(tmp_path, start_day=5)
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(traces, "MAX_GRID_BYTES", 64)
+    monkey.setattr(traces.grid, "MAX_GRID_BYTES", 64)  # read where the grid is built
     try:
         with pytest.raises(TraceError, match="pass --vms or --days to load less"):
             load_trace(tmp_path)

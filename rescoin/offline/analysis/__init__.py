@@ -7,7 +7,7 @@ page (``report``) and the PNG plots (``plots``). The command line is
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from rescoin.offline.analysis.metrics import (
@@ -47,18 +47,7 @@ def load_with_progress(paths: Iterable[str | Path], console=None) -> HistoryData
         return load_history(files=files, paths=(), on_file=lambda _f: bar.advance(task))
 
 
-def run_standalone(add_parser: Callable, argv: list[str] | None = None) -> int:
-    """Transitional, for ``rescoin.offline.fit.main`` only: it moved to ``rescoin.cli.standalone``.
-
-    Offline work must not import the CLI, so this forwards by module name. Remove it when fit's
-    command line has moved into ``rescoin/cli`` (issue 9: all argparse in the CLI).
-    """
-    import importlib
-
-    return int(importlib.import_module("rescoin.cli.standalone").run_standalone(add_parser, argv))
-
-
 __all__ = ["ALLOC_CHANGE_REL", "DEFINITIONS", "NUMERIC", "PRESSURE", "RES_METRICS", "SIGNAL_CAP", "VALUES",
            "VIOLATION_SIGNAL", "VM_COLUMNS", "Analysis", "HistoryData", "HistoryError", "analyze", "expand_paths",
-           "html_page", "load_history", "load_with_progress", "read_file", "run_standalone", "summary_line",
+           "html_page", "load_history", "load_with_progress", "read_file", "summary_line",
            "tables", "write_report"]
