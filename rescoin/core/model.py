@@ -12,11 +12,12 @@ from functools import cached_property
 
 import numpy as np
 
+from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.resources import N_RES, HostCapacity
 
-#: actuation kinds, in the order the guard reports them
-ACTION_KINDS = ("shares", "quota", "balloon", "blkio", "diskcap", "netcap", "pin")
+#: actuation kinds, in the order the guard reports them (the table is rescoin.core.kinds)
+ACTION_KINDS = kinds.names()
 
 
 @dataclass(frozen=True)

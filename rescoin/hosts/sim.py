@@ -20,8 +20,9 @@ import uuid
 
 import numpy as np
 
+from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
-from rescoin.core.model import ACTION_KINDS, Controls, Observation, Plan, VMSet
+from rescoin.core.model import Controls, Observation, Plan, VMSet
 from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
 from rescoin.core.sharing import water_fill, water_fill_columns
 from rescoin.hosts.base import ApplyResult, HostBase
@@ -86,7 +87,7 @@ class SimHost(HostBase):
         self.t = 0
         self._rows: np.ndarray | None = None
         self._view: tuple[VMSet, np.ndarray] | None = None
-        self.actions = {k: 0 for k in ACTION_KINDS}
+        self.actions = {k: 0 for k in kinds.names()}
 
     @property
     def capacity(self) -> HostCapacity:
@@ -117,10 +118,10 @@ class SimHost(HostBase):
         if rows.size == 0:
             return
         fresh = Controls.defaults(self.all_vms)
-        for name in ("shares", "quota", "balloon", "blkio", "diskcap", "netcap"):
+        for name in kinds.per_vm_fields():
             getattr(self.controls, name)[rows] = getattr(fresh, name)[rows]
         counts = self.all_vms.vcpus[rows]
-        for r, c in zip(self._vstart[rows], counts):
+        for r, c in zip(self._vstart[rows], counts, strict=True):
             self.controls.pins[r : r + c] = -1
         self.first_seen[rows] = -1
 
@@ -205,7 +206,7 @@ class SimHost(HostBase):
         if rows.size == self.all_vms.n:
             self.controls = new.copy()  # a Step handed out keeps its own plan
         else:
-            for name in ("shares", "quota", "balloon", "blkio", "diskcap", "netcap"):
+            for name in kinds.per_vm_fields():
                 getattr(c, name)[rows] = getattr(new, name)
             c.pins[vidx] = new.pins
             c.pin_width = new.pin_width
