@@ -23,6 +23,7 @@ import numpy as np
 from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.model import Allocation, Controls, Observation, Plan
+from rescoin.core.options import opt
 from rescoin.core.resources import CPU, DISK, MEMORY, NET
 
 SHARES_MIN, SHARES_MAX = 2.0, 262144.0
@@ -31,18 +32,18 @@ BLKIO_MIN, BLKIO_MAX = 10.0, 1000.0
 
 @dataclass(frozen=True)
 class GuardConfig:
-    mem_floor_mib: float = 256.0  # absolute floor of any balloon target
-    mem_reserve_mib: float = 128.0  # headroom above used memory, at least ...
-    mem_reserve_frac: float = 0.10  # ... or this share of used memory
-    mem_step_frac: float = 0.10  # largest shrink per period, share of max memory
-    mem_grow_step_frac: float = 0.25  # largest growth above the entitlement per period (starving guests exempt)
-    mem_deadband_frac: float = 0.05  # skip changes smaller than this share of max memory ...
-    mem_deadband_mib: float = 64.0  # ... or this many MiB
-    mem_grow_deadband_frac: float = 0.01  # growth smaller than this share of max memory is skipped
-    starving_signal: float = 0.01  # memory pressure above this means starving
-    starving_used: float = 0.95  # or used memory at this share of the target
-    weight_deadband: float = 0.10  # relative change below which shares / blkio weight / caps stay
-    net_min_kibs: float = 64.0  # a net cap never goes below this
+    mem_floor_mib: float = opt(256.0, "absolute floor of any balloon target", "MiB")
+    mem_reserve_mib: float = opt(128.0, "headroom kept above a guest's used memory, at least", "MiB")
+    mem_reserve_frac: float = opt(0.10, "... or this share of its used memory")
+    mem_step_frac: float = opt(0.10, "largest shrink per period, share of max memory")
+    mem_grow_step_frac: float = opt(0.25, "largest growth above the entitlement per period (starving guests exempt)")
+    mem_deadband_frac: float = opt(0.05, "skip shrinks smaller than this share of max memory")
+    mem_deadband_mib: float = opt(64.0, "... or this many MiB", "MiB")
+    mem_grow_deadband_frac: float = opt(0.01, "skip growth smaller than this share of max memory")
+    starving_signal: float = opt(0.01, "memory pressure above this means a guest is starving")
+    starving_used: float = opt(0.95, "or used memory at this share of its balloon target")
+    weight_deadband: float = opt(0.10, "relative change below which shares, blkio weights and caps stay")
+    net_min_kibs: float = opt(64.0, "a net cap never goes below this", "KiB/s")
 
     def check(self) -> None:
         for name, value in self.__dict__.items():
