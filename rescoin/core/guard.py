@@ -65,7 +65,8 @@ def blkio_weights(disk: np.ndarray) -> np.ndarray:
     if not top > 0:
         return np.full_like(disk, np.nan)
     scale = 2.0 ** np.ceil(np.log2(top))
-    return np.clip(np.round(BLKIO_MAX * disk / scale), BLKIO_MIN, BLKIO_MAX)
+    result: np.ndarray = np.clip(np.round(BLKIO_MAX * disk / scale), BLKIO_MIN, BLKIO_MAX)
+    return result
 
 
 def _relative_change(new: np.ndarray, cur: np.ndarray, band: float) -> np.ndarray:
@@ -73,7 +74,8 @@ def _relative_change(new: np.ndarray, cur: np.ndarray, band: float) -> np.ndarra
     both = ~np.isnan(new) & ~np.isnan(cur)
     with np.errstate(divide="ignore", invalid="ignore"):
         moved = np.abs(new - cur) > band * np.maximum(np.abs(cur), 1e-9)
-    return np.where(both, moved, np.isnan(new) != np.isnan(cur))
+    result: np.ndarray = np.where(both, moved, np.isnan(new) != np.isnan(cur))
+    return result
 
 
 class Guard:
@@ -107,7 +109,8 @@ class Guard:
         if obs.confirmed is not None:  # a claim the host cannot back protects, but cannot raise, the floor
             need = np.where(obs.confirmed, need, np.minimum(need, cur))
         floor = np.maximum.reduce([np.full_like(cur, c.mem_floor_mib), obs.vms.min_memory, need])
-        return np.minimum(floor, self._memory_max(obs))
+        result: np.ndarray = np.minimum(floor, self._memory_max(obs))
+        return result
 
     def _balloon(self, want: np.ndarray, obs: Observation, capacity: float, entitled: np.ndarray) -> np.ndarray:
         c = self.config
@@ -169,12 +172,13 @@ class Guard:
         Used when the floors alone exceed host memory: a target that grows would
         push the host past its reserve, so only the room left under it is given.
         """
-        base = np.minimum(target, cur)
+        base: np.ndarray = np.minimum(target, cur)
         growth = target - base
         room = capacity - base.sum()
         if growth.sum() <= 0 or room <= 0:
             return base
-        return base + growth * min(1.0, room / growth.sum())
+        result: np.ndarray = base + growth * min(1.0, room / growth.sum())
+        return result
 
     def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray, starving: np.ndarray,
                     entitled: np.ndarray, capacity: float, held: np.ndarray) -> np.ndarray:
