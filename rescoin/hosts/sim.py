@@ -31,6 +31,8 @@ NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
 
 
 class SimHost(HostBase):
+    period: float  # the trace's, always known
+
     def __init__(
         self,
         trace,
@@ -97,7 +99,7 @@ class SimHost(HostBase):
     def _present(self, t: int) -> tuple[np.ndarray, VMSet, np.ndarray]:
         mask = self.presence[t]
         rows = np.flatnonzero(mask)
-        if self._rows is not None and np.array_equal(rows, self._rows):
+        if self._rows is not None and self._view is not None and np.array_equal(rows, self._rows):
             vms, vidx = self._view
             return rows, vms, vidx
         gone = np.setdiff1d(self._rows if self._rows is not None else rows, rows)
@@ -129,6 +131,7 @@ class SimHost(HostBase):
         c = self.controls
         if rows.size == self.all_vms.n:
             return c  # the guard copies before it changes anything
+        assert c.diskcap is not None  # Controls.__post_init__ fills it
         return Controls(c.shares[rows], c.quota[rows], c.balloon[rows], c.blkio[rows], c.netcap[rows],
                         c.pins[vidx], c.pin_width, c.diskcap[rows])
 
@@ -158,6 +161,7 @@ class SimHost(HostBase):
                                        ctl.pins[pinned] % groups)
             got = water_fill(bound, w, cap[CPU])
             out[:, CPU] = np.bincount(owner, weights=got, minlength=vms.n)
+        assert ctl.diskcap is not None  # Controls.__post_init__ fills it
         size_mem = fillnan(vms.sizes[:, MEMORY], 0.0)
         target = np.where(np.isnan(ctl.balloon), size_mem, ctl.balloon)
         rest_d = np.column_stack([
