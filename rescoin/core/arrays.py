@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def fillnan(x, fill: float = 0.0) -> np.ndarray:
+def fillnan(x: ArrayLike, fill: float = 0.0) -> np.ndarray:
     """``x`` with NaN replaced by ``fill`` (a new array)."""
-    x = np.asarray(x, dtype=float)
-    return np.where(x != x, fill, x)
+    a = np.asarray(x, dtype=float)
+    out: np.ndarray = np.where(a != a, fill, a)
+    return out

@@ -15,12 +15,15 @@ still apply, and where the floor is above the limit the floor wins.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.model import Allocation, Controls, Observation, Plan
+from rescoin.core.options import opt
 from rescoin.core.resources import CPU, DISK, MEMORY, NET
 
 SHARES_MIN, SHARES_MAX = 2.0, 262144.0
@@ -29,25 +32,25 @@ BLKIO_MIN, BLKIO_MAX = 10.0, 1000.0
 
 @dataclass(frozen=True)
 class GuardConfig:
-    mem_floor_mib: float = 256.0  # absolute floor of any balloon target
-    mem_reserve_mib: float = 128.0  # headroom above used memory, at least ...
-    mem_reserve_frac: float = 0.10  # ... or this share of used memory
-    mem_step_frac: float = 0.10  # largest shrink per period, share of max memory
-    mem_grow_step_frac: float = 0.25  # largest growth above the entitlement per period (starving guests exempt)
-    mem_deadband_frac: float = 0.05  # skip changes smaller than this share of max memory ...
-    mem_deadband_mib: float = 64.0  # ... or this many MiB
-    mem_grow_deadband_frac: float = 0.01  # growth smaller than this share of max memory is skipped
-    starving_signal: float = 0.01  # memory pressure above this means starving
-    starving_used: float = 0.95  # or used memory at this share of the target
-    weight_deadband: float = 0.10  # relative change below which shares / blkio weight / caps stay
-    net_min_kibs: float = 64.0  # a net cap never goes below this
+    mem_floor_mib: float = opt(256.0, "absolute floor of any balloon target", "MiB")
+    mem_reserve_mib: float = opt(128.0, "headroom kept above a guest's used memory, at least", "MiB")
+    mem_reserve_frac: float = opt(0.10, "... or this share of its used memory")
+    mem_step_frac: float = opt(0.10, "largest shrink per period, share of max memory")
+    mem_grow_step_frac: float = opt(0.25, "largest growth above the entitlement per period (starving guests exempt)")
+    mem_deadband_frac: float = opt(0.05, "skip shrinks smaller than this share of max memory")
+    mem_deadband_mib: float = opt(64.0, "... or this many MiB", "MiB")
+    mem_grow_deadband_frac: float = opt(0.01, "skip growth smaller than this share of max memory")
+    starving_signal: float = opt(0.01, "memory pressure above this means a guest is starving")
+    starving_used: float = opt(0.95, "or used memory at this share of its balloon target")
+    weight_deadband: float = opt(0.10, "relative change below which shares, blkio weights and caps stay")
+    net_min_kibs: float = opt(64.0, "a net cap never goes below this", "KiB/s")
 
     def check(self) -> None:
         for name, value in self.__dict__.items():
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"guard.{name} = {value!r}: must be a finite number >= 0")
-        for name in ("mem_step_frac", "mem_grow_step_frac", "mem_deadband_frac", "mem_grow_deadband_frac", "mem_reserve_frac",
-                     "starving_used"):
+        for name in ("mem_step_frac", "mem_grow_step_frac", "mem_deadband_frac", "mem_grow_deadband_frac",
+                     "mem_reserve_frac", "starving_used"):
             if getattr(self, name) > 1:
                 raise ValueError(f"guard.{name} = {getattr(self, name)}: must be a fraction in [0, 1]")
 
@@ -62,7 +65,8 @@ def blkio_weights(disk: np.ndarray) -> np.ndarray:
     if not top > 0:
         return np.full_like(disk, np.nan)
     scale = 2.0 ** np.ceil(np.log2(top))
-    return np.clip(np.round(BLKIO_MAX * disk / scale), BLKIO_MIN, BLKIO_MAX)
+    result: np.ndarray = np.clip(np.round(BLKIO_MAX * disk / scale), BLKIO_MIN, BLKIO_MAX)
+    return result
 
 
 def _relative_change(new: np.ndarray, cur: np.ndarray, band: float) -> np.ndarray:
@@ -70,7 +74,8 @@ def _relative_change(new: np.ndarray, cur: np.ndarray, band: float) -> np.ndarra
     both = ~np.isnan(new) & ~np.isnan(cur)
     with np.errstate(divide="ignore", invalid="ignore"):
         moved = np.abs(new - cur) > band * np.maximum(np.abs(cur), 1e-9)
-    return np.where(both, moved, np.isnan(new) != np.isnan(cur))
+    result: np.ndarray = np.where(both, moved, np.isnan(new) != np.isnan(cur))
+    return result
 
 
 class Guard:
@@ -104,7 +109,8 @@ class Guard:
         if obs.confirmed is not None:  # a claim the host cannot back protects, but cannot raise, the floor
             need = np.where(obs.confirmed, need, np.minimum(need, cur))
         floor = np.maximum.reduce([np.full_like(cur, c.mem_floor_mib), obs.vms.min_memory, need])
-        return np.minimum(floor, self._memory_max(obs))
+        result: np.ndarray = np.minimum(floor, self._memory_max(obs))
+        return result
 
     def _balloon(self, want: np.ndarray, obs: Observation, capacity: float, entitled: np.ndarray) -> np.ndarray:
         c = self.config
@@ -116,7 +122,7 @@ class Guard:
         ceiling = np.maximum(limit, floor)  # the floor protects the guest, even above its limit
         self._once("limit", {u: f"VM {name}: its memory limit {lim:.0f} MiB is below its floor {f:.0f} MiB "
                                 "(use plus reserve, minimum or absolute floor): keeping the floor"
-                             for u, name, lim, f in zip(obs.vms.uuids, obs.vms.names, limit, floor)
+                             for u, name, lim, f in zip(obs.vms.uuids, obs.vms.names, limit, floor, strict=True)
                              if lim < f - 0.5})
         used = fillnan(obs.usage[:, MEMORY], 0.0)
         sig = fillnan(obs.signal[:, MEMORY], 0.0)
@@ -166,21 +172,23 @@ class Guard:
         Used when the floors alone exceed host memory: a target that grows would
         push the host past its reserve, so only the room left under it is given.
         """
-        base = np.minimum(target, cur)
+        base: np.ndarray = np.minimum(target, cur)
         growth = target - base
         room = capacity - base.sum()
         if growth.sum() <= 0 or room <= 0:
             return base
-        return base + growth * min(1.0, room / growth.sum())
+        result: np.ndarray = base + growth * min(1.0, room / growth.sum())
+        return result
 
     def _fit_memory(self, target: np.ndarray, cur: np.ndarray, floor: np.ndarray, starving: np.ndarray,
                     entitled: np.ndarray, capacity: float, held: np.ndarray) -> np.ndarray:
         """Bring the sum of targets down to host memory, in order of harm.
 
         First memory that only the dead-band kept in place, then what lies
-        above each guest's entitlement, then what lies below it: each time growth of guests that are not starving, then their spare
-        memory (faster than the step limit if a starving guest needs it), then
-        the same of starving guests. Floors are never crossed.
+        above each guest's entitlement, then what lies below it: each time
+        growth of guests that are not starving, then their spare memory
+        (faster than the step limit if a starving guest needs it), then the
+        same of starving guests. Floors are never crossed.
         """
         # what is protected: the floor, and up to the entitlement what the guest is given
         keep = np.maximum(floor, np.minimum(target, entitled))
@@ -207,69 +215,90 @@ class Guard:
 
     def plan(self, alloc: Allocation, obs: Observation, capacity: np.ndarray,
              entitlement: np.ndarray | None = None) -> Plan:
-        """Turn an allocation into safe control values and the set that changed."""
-        c = self.config
+        """Turn an allocation into safe control values and the set that changed, one kind at a time."""
         cur = obs.controls
-        amount = alloc.amount
-        caps = alloc.caps if alloc.caps.size else np.zeros(amount.shape[1], dtype=bool)
-        n = obs.n
         new = cur.copy()
         changed: dict[str, np.ndarray] = {}
-
-        cpu = amount[:, CPU]
-        # shares are relative weights: one below the VM's entitlement would let others'
-        # larger weights push it under min(demand, entitlement) when the host is busy
-        weight = cpu if entitlement is None else np.maximum(cpu, fillnan(entitlement[:, CPU], 0.0))
-        shares = np.clip(np.round(weight * 1024.0), SHARES_MIN, SHARES_MAX)
-        new.shares = np.where(np.isnan(cpu), cur.shares, shares)
-        changed["shares"] = ~np.isnan(cpu) & _relative_change(new.shares, cur.shares, c.weight_deadband)
-        new.shares = np.where(changed["shares"], new.shares, cur.shares)
-
-        quota = np.where(caps[CPU], np.maximum(cpu, 0.01), np.nan)
-        quota = np.minimum(quota, obs.vms.vcpus)
-        new.quota = np.where(np.isnan(cpu), cur.quota, quota)
-        changed["quota"] = _relative_change(new.quota, cur.quota, c.weight_deadband)
-        new.quota = np.where(changed["quota"], new.quota, cur.quota)
-
-        mem = amount[:, MEMORY]
-        if np.isnan(mem).all():
-            changed["balloon"] = np.zeros(n, dtype=bool)
-        else:
-            entitled = np.zeros(n) if entitlement is None else fillnan(entitlement[:, MEMORY], 0.0)
-            new.balloon = self._balloon(mem, obs, float(capacity[MEMORY]), entitled)
-            cur_b = np.where(np.isnan(cur.balloon), np.inf, cur.balloon)
-            changed["balloon"] = np.abs(new.balloon - cur_b) > 0.5
-            new.balloon = np.where(changed["balloon"], new.balloon, cur.balloon)
-
-        disk_w = amount[:, DISK] if entitlement is None else np.maximum(amount[:, DISK],
-                                                                         fillnan(entitlement[:, DISK], 0.0))
-        blkio = blkio_weights(disk_w)  # relative weights too: never below the entitlement's
-        new.blkio = np.where(np.isnan(blkio), cur.blkio, blkio)
-        changed["blkio"] = ~np.isnan(blkio) & _relative_change(new.blkio, cur.blkio, c.weight_deadband)
-        new.blkio = np.where(changed["blkio"], new.blkio, cur.blkio)
-
-        disk = amount[:, DISK]
-        floor_disk = 1.0 if entitlement is None else np.maximum(1.0, fillnan(entitlement[:, DISK]))
-        diskcap = np.where(caps[DISK], np.maximum(disk, floor_disk), np.nan)
-        new.diskcap = np.where(np.isnan(disk), cur.diskcap, diskcap)
-        changed["diskcap"] = _relative_change(new.diskcap, cur.diskcap, c.weight_deadband)
-        new.diskcap = np.where(changed["diskcap"], new.diskcap, cur.diskcap)
-
-        net = amount[:, NET]
-        # a cap throttles hogs; it never holds a VM below its entitlement
-        floor_net = c.net_min_kibs if entitlement is None else np.maximum(c.net_min_kibs, fillnan(entitlement[:, NET]))
-        netcap = np.where(caps[NET], np.maximum(net, floor_net), np.nan)
-        new.netcap = np.where(np.isnan(net), cur.netcap, netcap)
-        changed["netcap"] = _relative_change(new.netcap, cur.netcap, c.weight_deadband)
-        new.netcap = np.where(changed["netcap"], new.netcap, cur.netcap)
-
-        if alloc.pins is not None and alloc.pins.shape == cur.pins.shape:
-            new.pins = alloc.pins.astype(np.intp)
-            new.pin_width = alloc.pin_width
-            changed["pin"] = (new.pins != cur.pins) | (new.pin_width != cur.pin_width)
-        else:
-            changed["pin"] = np.zeros(cur.pins.shape, dtype=bool)
+        for kind in kinds.KINDS:
+            if kind.deadband == "relative":
+                target, source = _TARGETS[kind.name](self.config, alloc, obs, entitlement)
+                proposed = np.where(np.isnan(source), getattr(cur, kind.field), target)
+                changed[kind.name] = _relative_change(proposed, getattr(cur, kind.field), self.config.weight_deadband)
+                setattr(new, kind.field, np.where(changed[kind.name], proposed, getattr(cur, kind.field)))
+            elif kind.name == "balloon":
+                changed[kind.name] = self._plan_balloon(new, alloc, obs, float(capacity[MEMORY]), entitlement)
+            else:
+                changed[kind.name] = _plan_pins(new, alloc)
         return Plan(controls=new, changed=changed, vms=obs.vms)
 
+    def _plan_balloon(self, new: Controls, alloc: Allocation, obs: Observation, capacity: float,
+                      entitlement: np.ndarray | None) -> np.ndarray:
+        """Set ``new.balloon`` where the target moves by more than half a MiB; return where it does."""
+        mem = alloc.amount[:, MEMORY]
+        if np.isnan(mem).all():
+            return np.zeros(obs.n, dtype=bool)
+        cur = obs.controls.balloon
+        entitled = np.zeros(obs.n) if entitlement is None else fillnan(entitlement[:, MEMORY], 0.0)
+        target = self._balloon(mem, obs, capacity, entitled)
+        moved: np.ndarray = np.abs(target - np.where(np.isnan(cur), np.inf, cur)) > 0.5
+        new.balloon = np.where(moved, target, cur)
+        return moved
+
+
+def _plan_pins(new: Controls, alloc: Allocation) -> np.ndarray:
+    """Take the allocation's pins (when it has them for these vCPUs); return which moved."""
+    cur_pins, cur_width = new.pins, new.pin_width
+    if alloc.pins is None or alloc.pins.shape != cur_pins.shape:
+        return np.zeros(cur_pins.shape, dtype=bool)
+    new.pins = alloc.pins.astype(np.intp)
+    new.pin_width = alloc.pin_width
+    moved: np.ndarray = (new.pins != cur_pins) | (new.pin_width != cur_width)
+    return moved
+
+
+def _caps(alloc: Allocation) -> np.ndarray:
+    """Which resources the allocation caps (none when it says nothing)."""
+    return alloc.caps if alloc.caps.size else np.zeros(alloc.amount.shape[1], dtype=bool)
+
+
+# Each relative kind's target and the source whose NaN means "keep the current value".
+_Pair = tuple[np.ndarray, np.ndarray]
+Target = Callable[[GuardConfig, Allocation, Observation, "np.ndarray | None"], _Pair]
+
+
+def _shares(c: GuardConfig, alloc: Allocation, obs: Observation, ent: np.ndarray | None) -> _Pair:
+    # shares are relative weights: one below the VM's entitlement would let others'
+    # larger weights push it under min(demand, entitlement) when the host is busy
+    cpu = alloc.amount[:, CPU]
+    weight = cpu if ent is None else np.maximum(cpu, fillnan(ent[:, CPU], 0.0))
+    return np.clip(np.round(weight * 1024.0), SHARES_MIN, SHARES_MAX), cpu
+
+
+def _quota(c: GuardConfig, alloc: Allocation, obs: Observation, ent: np.ndarray | None) -> _Pair:
+    cpu = alloc.amount[:, CPU]
+    return np.minimum(np.where(_caps(alloc)[CPU], np.maximum(cpu, 0.01), np.nan), obs.vms.vcpus), cpu
+
+
+def _blkio(c: GuardConfig, alloc: Allocation, obs: Observation, ent: np.ndarray | None) -> _Pair:
+    disk = alloc.amount[:, DISK]
+    blkio = blkio_weights(disk if ent is None else np.maximum(disk, fillnan(ent[:, DISK], 0.0)))
+    return blkio, blkio  # relative weights too: never below the entitlement's
+
+
+def _diskcap(c: GuardConfig, alloc: Allocation, obs: Observation, ent: np.ndarray | None) -> _Pair:
+    disk = alloc.amount[:, DISK]
+    floor = 1.0 if ent is None else np.maximum(1.0, fillnan(ent[:, DISK]))
+    return np.where(_caps(alloc)[DISK], np.maximum(disk, floor), np.nan), disk
+
+
+def _netcap(c: GuardConfig, alloc: Allocation, obs: Observation, ent: np.ndarray | None) -> _Pair:
+    # a cap throttles hogs; it never holds a VM below its entitlement
+    net = alloc.amount[:, NET]
+    floor = c.net_min_kibs if ent is None else np.maximum(c.net_min_kibs, fillnan(ent[:, NET]))
+    return np.where(_caps(alloc)[NET], np.maximum(net, floor), np.nan), net
+
+
+_TARGETS: dict[str, Target] = {"shares": _shares, "quota": _quota, "blkio": _blkio, "diskcap": _diskcap,
+                               "netcap": _netcap}
 
 __all__ = ["Guard", "GuardConfig", "Controls"]

@@ -115,7 +115,8 @@ class History:
     # -- reading ------------------------------------------------------------
     def latest(self, name: str) -> np.ndarray:
         """The newest period of a series, ``(n, N_RES)``."""
-        return self._ring[name][self.slot]
+        result: np.ndarray = self._ring[name][self.slot]
+        return result
 
     def last(self, name: str, k: int) -> np.ndarray:
         """The newest ``k`` periods of a series, oldest first, ``(k', n, N_RES)``."""
@@ -204,10 +205,11 @@ class History:
         return h
 
 
-def _expect(key: str, value: np.ndarray, shape: tuple, kinds: str) -> np.ndarray:
+def _expect(key: str, value: np.ndarray, shape: tuple[int | None, ...], kinds: str) -> np.ndarray:
     """``value`` as a copy if it has ``shape`` (None = any length) and a dtype kind in ``kinds``."""
     value = np.asarray(value)
-    fits = value.ndim == len(shape) and all(want is None or got == want for got, want in zip(value.shape, shape))
+    fits = value.ndim == len(shape) and all(want is None or got == want
+                                            for got, want in zip(value.shape, shape, strict=True))
     if not fits or value.dtype.kind not in kinds:
         want = "x".join("n" if s is None else str(s) for s in shape) or "a scalar"
         kind = {"f": "floats", "iu": "integers", "U": "strings"}.get(kinds, "numbers")

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.resources import N_RES, HostCapacity
 
-#: actuation kinds, in the order the guard reports them
-ACTION_KINDS = ("shares", "quota", "balloon", "blkio", "diskcap", "netcap", "pin")
+#: actuation kinds, in the order the guard reports them (the table is rescoin.core.kinds)
+ACTION_KINDS = kinds.names()
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,13 @@ class VMSet:
         return np.repeat(np.arange(self.n), self.vcpus)
 
     @staticmethod
-    def build(uuids, names, sizes, min_memory=None, weight=None, balloon_max=None) -> VMSet:
-        uuids = np.asarray(uuids, dtype=str)
-        n = uuids.shape[0]
+    def build(uuids: ArrayLike, names: ArrayLike, sizes: ArrayLike, min_memory: ArrayLike | None = None,
+              weight: ArrayLike | None = None, balloon_max: ArrayLike | None = None) -> VMSet:
+        ids = np.asarray(uuids, dtype=str)
+        n = ids.shape[0]
         sizes = np.asarray(sizes, dtype=float).reshape(n, N_RES)
         return VMSet(
-            uuids=uuids,
+            uuids=ids,
             names=np.asarray(names, dtype=str),
             sizes=sizes,
             min_memory=np.zeros(n) if min_memory is None else np.asarray(min_memory, dtype=float),
@@ -97,7 +100,8 @@ class Controls:
 
     def copy(self) -> Controls:
         return Controls(self.shares.copy(), self.quota.copy(), self.balloon.copy(), self.blkio.copy(),
-                        self.netcap.copy(), self.pins.copy(), self.pin_width, self.diskcap.copy())
+                        self.netcap.copy(), self.pins.copy(), self.pin_width,
+                        None if self.diskcap is None else self.diskcap.copy())
 
 
 @dataclass

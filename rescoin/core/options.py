@@ -10,8 +10,8 @@ from dataclasses import field
 from typing import Any
 
 
-def opt(default: Any, doc: str, unit: str = "", choices: tuple | None = None, low: float | None = None,
-        high: float | None = None):
+def opt(default: Any, doc: str, unit: str = "", choices: tuple[Any, ...] | None = None, low: float | None = None,
+        high: float | None = None) -> Any:
     meta = {"doc": doc, "unit": unit, "choices": choices, "low": low, "high": high}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)

@@ -10,12 +10,14 @@ The two seed prototypes' balancers are here too, bug-fixed, for their peers.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from rescoin.core.arrays import fillnan
+from rescoin.core.model import VMSet
 from rescoin.core.policies.base import PolicyInput
 from rescoin.core.resources import CPU
 
@@ -47,7 +49,7 @@ def current_pins(inp: PolicyInput, width: int) -> np.ndarray:
     return pins
 
 
-def vcpu_load(vms, load: np.ndarray) -> np.ndarray:
+def vcpu_load(vms: VMSet, load: np.ndarray) -> np.ndarray:
     """Spread each VM's CPU load evenly over its vCPUs (each at most one core)."""
     v = vms.vcpus
     per = np.minimum(fillnan(load, 0.0) / v, 1.0)
@@ -191,7 +193,7 @@ class KvmSchedulingPlacement:
 
 
 def make_placement(name: str) -> Placement | None:
-    table = {"balance": BalancePlacement, "vm-balancer": VmBalancerPlacement,
+    table: dict[str, Callable[[], Placement]] = {"balance": BalancePlacement, "vm-balancer": VmBalancerPlacement,
              "kvmscheduling": KvmSchedulingPlacement}
     if name == "none":
         return None

@@ -15,13 +15,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from rescoin.core.arrays import fillnan
 from rescoin.core.history import History
-from rescoin.core.model import Forecast
+from rescoin.core.model import Forecast, VMSet
 from rescoin.core.resources import N_RES, RESOURCES, Resource
 from rescoin.shipped import MODELS_DIR
 
@@ -116,7 +116,7 @@ class PaddedEWMA:
                 p.check(f"{name}.vm.{key}.{r.label}")
                 if p.season != self.params[r].season:
                     raise ValueError(f"{name}.vm.{key}.{r.label}.season: the season cannot differ per VM")
-        self._rows_for: tuple = (None, None)
+        self._rows_for: tuple[VMSet | None, dict[str, np.ndarray]] = (None, {})
         self._fixed_rows: dict[str, np.ndarray] | None = None
         #: parameter -> ``(N_RES,)`` column; broadcasts over the history's rows
         self._columns = {n: np.array([getattr(self.params[r], n) for r in RESOURCES], dtype=float)
@@ -159,7 +159,7 @@ class PaddedEWMA:
                                                  and np.array_equal(last.names, vms.names))):
             return self._rows_for[1]
         rows = {n: np.broadcast_to(c, (vms.n, N_RES)).copy() for n, c in cols.items()}
-        for i, (uuid, name) in enumerate(zip(vms.uuids.tolist(), vms.names.tolist())):
+        for i, (uuid, name) in enumerate(zip(vms.uuids.tolist(), vms.names.tolist(), strict=True)):
             own = self.per_vm.get(uuid) or self.per_vm.get(name) or {}
             for r, params in own.items():
                 for n in ROW_PARAMS:
@@ -216,7 +216,8 @@ class PaddedEWMA:
         ahead = np.where(np.isnan(near).all(axis=1), np.nan, np.nanmax(np.where(np.isnan(near), -np.inf, near), axis=1))
         ring[:, t % self._season] = x
         floor = np.where(self._seasonal & ~np.isnan(ahead), ahead * (1.0 + pad_frac), -np.inf)
-        return np.maximum(value, floor)
+        result: np.ndarray = np.maximum(value, floor)
+        return result
 
 
 def ewma(name: str = "ewma") -> PaddedEWMA:
@@ -256,7 +257,7 @@ def load_model(path: str | Path) -> PaddedEWMA:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _resource_tables(path: Path, tables: dict, base: dict[Resource, PredictorParams],
+def _resource_tables(path: Path, tables: dict[str, Any], base: dict[Resource, PredictorParams],
                      prefix: str) -> dict[Resource, PredictorParams]:
     """``{"cpu": {...}, ...}`` -> parameters per resource, each starting from ``base`` (or the defaults)."""
     known = {f.name for f in fields(PredictorParams)}

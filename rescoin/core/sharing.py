@@ -15,7 +15,7 @@ from rescoin.core.arrays import fillnan
 def _fill_positive(d: np.ndarray, w: np.ndarray, g: np.ndarray, cap: np.ndarray) -> np.ndarray:
     """Water-fill items with strictly positive weight; returns the grants."""
     n_groups = cap.shape[0]
-    grant = np.zeros_like(d)
+    grant: np.ndarray = np.zeros_like(d)
     if d.size == 0:
         return grant
     total_d = np.bincount(g, weights=d, minlength=n_groups)
@@ -63,7 +63,7 @@ def water_fill(
     negative demand counts as zero. The result never exceeds the demand, and
     a group's grants never exceed its capacity.
     """
-    d = fillnan(demand, 0.0)
+    d: np.ndarray = fillnan(demand, 0.0)
     d = np.maximum(d, 0.0)
     w = fillnan(np.asarray(weight, dtype=float), 0.0)
     w = np.maximum(w, 0.0)
@@ -77,7 +77,7 @@ def water_fill(
     total = d.sum() if group is None else np.bincount(g, weights=d, minlength=cap.shape[0])[:cap.shape[0]]
     if np.all(total <= cap):
         return d  # every demand fits: nothing to share out (the common, uncontended case)
-    grant = np.zeros_like(d)
+    grant: np.ndarray = np.zeros_like(d)
     pos = w > 0
     if pos.any():
         grant[pos] = _fill_positive(d[pos], w[pos], g[pos], cap)
@@ -97,7 +97,7 @@ def water_fill_columns(demand: np.ndarray, weight: np.ndarray, capacity: np.ndar
     algorithm finishes from where the rounds left off.
     """
     # NaN > 0 is False: one pass turns NaN and negatives into 0 (this runs several times a step)
-    d = np.asarray(demand, dtype=float)
+    d: np.ndarray = np.asarray(demand, dtype=float)
     d = np.where(d > 0, d, 0.0)
     cap = np.asarray(capacity, dtype=float)
     cap = np.where(cap > 0, cap, 0.0)
@@ -107,7 +107,7 @@ def water_fill_columns(demand: np.ndarray, weight: np.ndarray, capacity: np.ndar
     w = np.where(w > 0, w, 0.0)
     if not (w > 0).all():
         return _sorted_columns(d, w, cap)
-    grant = np.zeros_like(d)
+    grant: np.ndarray = np.zeros_like(d)
     active = d > 0
     left = cap.copy()
     for _ in range(rounds):
@@ -115,18 +115,20 @@ def water_fill_columns(demand: np.ndarray, weight: np.ndarray, capacity: np.ndar
         wsum = wa.sum(axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             level = np.where(wsum > 0, left / wsum, 0.0)
-        offer = level * wa
+        offer: np.ndarray = level * wa
         need = d - grant
         full = active & (need <= offer)
         if not full.any():  # nobody saturates: the level holds for everyone still active
-            return grant + offer
+            result: np.ndarray = grant + offer
+            return result
         grant = np.where(full, d, grant)
         left = cap - grant.sum(axis=0)
         active &= ~full
         if not active.any():
             return grant
-    rest = _sorted_columns(np.where(active, d - grant, 0.0), w, np.maximum(left, 0.0))
-    return grant + rest
+    rest: np.ndarray = _sorted_columns(np.where(active, d - grant, 0.0), w, np.maximum(left, 0.0))
+    granted: np.ndarray = grant + rest
+    return granted
 
 
 def _sorted_columns(d: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray:

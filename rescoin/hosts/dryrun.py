@@ -13,14 +13,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from rescoin.core import kinds
 from rescoin.core.model import Observation, Plan
 from rescoin.core.resources import HostCapacity
 from rescoin.hosts.base import ApplyResult, Host, HostSetup
 
 log = logging.getLogger("rescoin.dryrun")
-
-_CONTROLS = ("shares", "quota", "balloon", "blkio", "diskcap", "netcap")
-
 
 class DryRunHost:
     """Wraps ``host`` so plans are printed (on ``console``, else logged), never applied."""
@@ -74,7 +72,7 @@ class DryRunHost:
     def apply(self, plan: Plan) -> ApplyResult:
         names = plan.vms.names
         for kind, mask in plan.changed.items():
-            if kind not in _CONTROLS or not mask.any():
+            if kind not in kinds.per_vm_fields() or not mask.any():
                 continue
             values = getattr(plan.controls, kind)
             for i in mask.nonzero()[0]:

@@ -20,8 +20,9 @@ import uuid
 
 import numpy as np
 
+from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
-from rescoin.core.model import ACTION_KINDS, Controls, Observation, Plan, VMSet
+from rescoin.core.model import Controls, Observation, Plan, VMSet
 from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
 from rescoin.core.sharing import water_fill, water_fill_columns
 from rescoin.hosts.base import ApplyResult, HostBase
@@ -30,6 +31,8 @@ NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
 
 
 class SimHost(HostBase):
+    period: float  # the trace's, always known
+
     def __init__(
         self,
         trace,
@@ -86,7 +89,7 @@ class SimHost(HostBase):
         self.t = 0
         self._rows: np.ndarray | None = None
         self._view: tuple[VMSet, np.ndarray] | None = None
-        self.actions = {k: 0 for k in ACTION_KINDS}
+        self.actions = {k: 0 for k in kinds.names()}
 
     @property
     def capacity(self) -> HostCapacity:
@@ -96,7 +99,7 @@ class SimHost(HostBase):
     def _present(self, t: int) -> tuple[np.ndarray, VMSet, np.ndarray]:
         mask = self.presence[t]
         rows = np.flatnonzero(mask)
-        if self._rows is not None and np.array_equal(rows, self._rows):
+        if self._rows is not None and self._view is not None and np.array_equal(rows, self._rows):
             vms, vidx = self._view
             return rows, vms, vidx
         gone = np.setdiff1d(self._rows if self._rows is not None else rows, rows)
@@ -117,10 +120,10 @@ class SimHost(HostBase):
         if rows.size == 0:
             return
         fresh = Controls.defaults(self.all_vms)
-        for name in ("shares", "quota", "balloon", "blkio", "diskcap", "netcap"):
+        for name in kinds.per_vm_fields():
             getattr(self.controls, name)[rows] = getattr(fresh, name)[rows]
         counts = self.all_vms.vcpus[rows]
-        for r, c in zip(self._vstart[rows], counts):
+        for r, c in zip(self._vstart[rows], counts, strict=True):
             self.controls.pins[r : r + c] = -1
         self.first_seen[rows] = -1
 
@@ -128,6 +131,7 @@ class SimHost(HostBase):
         c = self.controls
         if rows.size == self.all_vms.n:
             return c  # the guard copies before it changes anything
+        assert c.diskcap is not None  # Controls.__post_init__ fills it
         return Controls(c.shares[rows], c.quota[rows], c.balloon[rows], c.blkio[rows], c.netcap[rows],
                         c.pins[vidx], c.pin_width, c.diskcap[rows])
 
@@ -157,6 +161,7 @@ class SimHost(HostBase):
                                        ctl.pins[pinned] % groups)
             got = water_fill(bound, w, cap[CPU])
             out[:, CPU] = np.bincount(owner, weights=got, minlength=vms.n)
+        assert ctl.diskcap is not None  # Controls.__post_init__ fills it
         size_mem = fillnan(vms.sizes[:, MEMORY], 0.0)
         target = np.where(np.isnan(ctl.balloon), size_mem, ctl.balloon)
         rest_d = np.column_stack([
@@ -205,7 +210,7 @@ class SimHost(HostBase):
         if rows.size == self.all_vms.n:
             self.controls = new.copy()  # a Step handed out keeps its own plan
         else:
-            for name in ("shares", "quota", "balloon", "blkio", "diskcap", "netcap"):
+            for name in kinds.per_vm_fields():
                 getattr(c, name)[rows] = getattr(new, name)
             c.pins[vidx] = new.pins
             c.pin_width = new.pin_width

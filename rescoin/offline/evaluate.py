@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.history import History
 from rescoin.core.loop import Step
@@ -21,7 +22,6 @@ BREACH_TOL = 1e-3  # relative slack before "less than min(demand, entitlement)" 
 #: ... plus an absolute one per resource, the resolution of the controls
 #: (cpu.shares are integers: 1/1024 of a core per share; balloons move in pages)
 BREACH_ABS = np.array([0.01, 4.0, 1.0, 1.0])
-ACTUATION_KINDS = {0: ("shares", "quota"), 1: ("balloon",), 2: ("blkio", "diskcap"), 3: ("netcap",)}
 METRICS = ("satisfaction", "violations", "worst_off", "fairness", "breaches",
            "actuations_per_vm_hour", "reclaimed", "under_error", "over_error")
 
@@ -99,7 +99,8 @@ class Metrics:
         self._vm_g[rows] += gz
         size = np.nansum(obs.vms.sizes[:, MEMORY])
         if size > 0:
-            target = np.where(np.isnan(step.plan.controls.balloon), obs.vms.sizes[:, MEMORY], step.plan.controls.balloon)
+            balloon = step.plan.controls.balloon
+            target = np.where(np.isnan(balloon), obs.vms.sizes[:, MEMORY], balloon)
             self.reclaimed_sum += max(0.0, 1.0 - float(np.nansum(target)) / size)
         self.periods += 1
         self.vm_hours += obs.n * obs.interval / 3600.0
@@ -124,7 +125,7 @@ class Metrics:
                 "worst_off": float(np.percentile(sat_vm, 5)) if sat_vm.size else None,
                 "fairness": jain(sat_vm),
                 "breaches": float(self.breaches[i] / self.vm_periods[i]),
-                "actuations_per_vm_hour": sum(self.actions.get(k, 0) for k in ACTUATION_KINDS[i]) / hours,
+                "actuations_per_vm_hour": sum(self.actions.get(k, 0) for k in kinds.of_resource(i)) / hours,
                 "reclaimed": self.reclaimed_sum / max(self.periods, 1) if i == MEMORY else None,
                 "under_error": float(self.under[i] / fd) if self.has_forecast and fd > 0 else None,
                 "over_error": float(self.over[i] / fd) if self.has_forecast and fd > 0 else None,

@@ -97,22 +97,6 @@ RESTART_NEEDED = ("daemon.uri", "daemon.state_file", "daemon.history_dir", "daem
 SECTIONS = {"daemon": DaemonConfig, "host": HostConfig, "guard": GuardConfig, "agent": AgentConfig,
             "metrics": MetricsConfig}
 
-GUARD_DOCS = {
-    "mem_floor_mib": ("absolute floor of any balloon target", "MiB"),
-    "mem_reserve_mib": ("headroom kept above a guest's used memory, at least", "MiB"),
-    "mem_reserve_frac": ("... or this share of its used memory", ""),
-    "mem_step_frac": ("largest shrink per period, share of max memory", ""),
-    "mem_grow_step_frac": ("largest growth above the entitlement per period (starving guests exempt)", ""),
-    "mem_deadband_frac": ("skip shrinks smaller than this share of max memory", ""),
-    "mem_grow_deadband_frac": ("skip growth smaller than this share of max memory", ""),
-    "mem_deadband_mib": ("... or this many MiB", "MiB"),
-    "starving_signal": ("memory pressure above this means a guest is starving", ""),
-    "starving_used": ("or used memory at this share of its balloon target", ""),
-    "weight_deadband": ("relative change below which shares, blkio weights and caps stay", ""),
-    "net_min_kibs": ("a net cap never goes below this", "KiB/s"),
-}
-
-
 def parse_address(where: str, text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); a bad one is a ConfigError naming ``where``."""
     bracketed = text.startswith("[")
@@ -167,8 +151,6 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 
 def _doc(cls, f) -> tuple[str, str]:
-    if cls is GuardConfig:
-        return GUARD_DOCS.get(f.name, ("", ""))
     return f.metadata.get("doc", ""), f.metadata.get("unit", "")
 
 
@@ -193,9 +175,9 @@ def _coerce(where: str, f, value: Any) -> Any:
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"{where} = {value!r}: must be a string")
-    elif isinstance(default, dict):
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ConfigError(f"{where} must be a table of strings")
+    elif isinstance(default, dict) and (not isinstance(value, dict)
+                                        or not all(isinstance(v, str) for v in value.values())):
+        raise ConfigError(f"{where} must be a table of strings")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where} = {value!r}: must be one of {', '.join(choices)}")

@@ -216,7 +216,7 @@ def load_state(path: str | Path, window: int) -> Saved:
 def save_state(path: str | Path, history: History, originals: dict[str, dict], unrestored: set[str]) -> None:
     """Write the format, history (with credits), originals and unrestored VMs atomically."""
     path = Path(path)
-    arrays = {"format": np.array(FORMAT)}  # first: its member name is the file's magic
+    arrays: dict[str, Any] = {"format": np.array(FORMAT)}  # first: its member name is the file's magic
     arrays.update(history.snapshot())
     arrays["originals"] = np.array(json.dumps(originals, default=_json_default))
     arrays["unrestored"] = np.array(json.dumps(sorted(unrestored)))

@@ -60,14 +60,15 @@ def entitlement(sizes: np.ndarray, weight: np.ndarray, capacity: np.ndarray) -> 
     total = want.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(total > capacity, capacity / total, 1.0)
-    ent = want * fillnan(scale, 0.0)
+    ent: np.ndarray = want * fillnan(scale, 0.0)
     ent[:, np.isnan(capacity)] = np.nan
     return ent
 
 
 def managed(capacity: np.ndarray) -> np.ndarray:
     """Resources with a known capacity (a CPU-only trace manages only CPU)."""
-    return ~np.isnan(capacity)
+    result: np.ndarray = ~np.isnan(capacity)
+    return result
 
 
 def share_leftover(alloc: np.ndarray, capacity: np.ndarray, weight: np.ndarray,
@@ -84,7 +85,8 @@ def share_leftover(alloc: np.ndarray, capacity: np.ndarray, weight: np.ndarray,
         room = np.maximum(np.where(np.isnan(limit), np.inf, limit) - alloc, 0.0)
     w = np.where(weight.sum(axis=0) > 0, weight, 1.0)
     finite = np.where(np.isinf(room), left[None, :] + 1.0, room)  # water_fill needs finite demand
-    return alloc + water_fill_columns(finite, w, left)
+    result: np.ndarray = alloc + water_fill_columns(finite, w, left)
+    return result
 
 
 def top_up(alloc: np.ndarray, capacity: np.ndarray, entitlement: np.ndarray,
@@ -107,10 +109,11 @@ def fit_to_capacity(alloc: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     total = alloc.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(total > capacity, capacity / total, 1.0)
-    return alloc * fillnan(scale, 0.0)
+    result: np.ndarray = alloc * fillnan(scale, 0.0)
+    return result
 
 
-def finish(alloc: np.ndarray, capacity: np.ndarray, caps=None) -> Allocation:
+def finish(alloc: np.ndarray, capacity: np.ndarray, caps: np.ndarray | None = None) -> Allocation:
     """Common exit: unmanaged resources become NaN (left alone by the guard)."""
     out = alloc.astype(float, copy=True)
     out[:, ~managed(capacity)] = np.nan

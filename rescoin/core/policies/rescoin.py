@@ -32,7 +32,8 @@ def combined_credit(ac: np.ndarray, norm: float) -> np.ndarray:
     """One signed number per VM: the p-norm of earned coins minus that of spent ones."""
     pos = np.linalg.norm(np.maximum(ac, 0.0), ord=norm, axis=1)
     neg = np.linalg.norm(np.maximum(-ac, 0.0), ord=norm, axis=1)
-    return pos - neg
+    result: np.ndarray = pos - neg
+    return result
 
 
 @dataclass

@@ -11,6 +11,7 @@ caps, each direction) and per vCPU map, which an operator may have set by hand.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -56,13 +57,14 @@ def from_plan(plan: Plan, i: int, start: int, state: VMState, dom, actuator: Act
                      lambda: state.controls.update(shares=float(c.shares[i]), quota=float(c.quota[i]))))
     if changed["balloon"][i]:
         kib = int(round(c.balloon[i] * 1024))
-        todo.append(balloon(dom, kib, lambda v=float(c.balloon[i]): state.controls.update(balloon=v)))
+        todo.append(balloon(dom, kib, partial(state.controls.update, balloon=float(c.balloon[i]))))
         if soft_limits:  # the host reclaims above the target first
             todo.append(soft_limit(dom, kib))
     if changed["blkio"][i]:
         w = int(c.blkio[i])
-        todo.append(("blkio", *actuator.blkio(state, dom, w), lambda v=float(w): state.controls.update(blkio=v)))
+        todo.append(("blkio", *actuator.blkio(state, dom, w), partial(state.controls.update, blkio=float(w))))
     if changed["diskcap"][i]:
+        assert c.diskcap is not None  # Controls.__post_init__ fills it
         dcap = float(c.diskcap[i])
         bps = int(dcap * 1024) if np.isfinite(dcap) else 0  # 0 removes the cap
         todo += [diskcap(dom, dev, {"total_bytes_sec": bps, "total_bytes_sec_max": bps},

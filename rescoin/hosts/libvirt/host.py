@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rescoin.core.model import Observation, Plan, VMSet
-from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET, HostCapacity
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET, HostCapacity, Resource
 from rescoin.hosts.actuators import Actuator, LibvirtActuator
 from rescoin.hosts.base import ApplyResult, HostBase, HostSetup
 from rescoin.hosts.claims import HostMemory, cross_check
@@ -25,7 +25,7 @@ from rescoin.hosts.libvirt import actions, discovery
 from rescoin.hosts.libvirt.connection import ErrorCounts, HostUnavailable, Libvirt, libvirt_module
 from rescoin.hosts.libvirt.discovery import VMState
 from rescoin.hosts.libvirt.rates import STATS_FLAGS, controls, rates
-from rescoin.hosts.libvirt.restore import RESTORE_TIMEOUT, Restorer
+from rescoin.hosts.libvirt.restore import RESTORE_TIMEOUT, Restorer, Todo
 
 log = logging.getLogger("rescoin.libvirt")
 
@@ -224,13 +224,13 @@ class LibvirtHost(HostBase):
         n = len(rows)
         cfgs = [self.vm_config(r.uuid, r.name) for r in rows] if self.vm_config else [None] * n
         max_mib = [min(r.max_mib, c.max_memory_mib) if c is not None and c.max_memory_mib > 0 else r.max_mib
-                   for r, c in zip(rows, cfgs)]
+                   for r, c in zip(rows, cfgs, strict=True)]
         return VMSet.build(
             uuids=[r.uuid for r in rows], names=[r.name for r in rows],
             sizes=np.array([[r.vcpus, m, cap.capacity[DISK], cap.capacity[NET]]
-                            for r, m in zip(rows, max_mib)]).reshape(n, N_RES),
+                            for r, m in zip(rows, max_mib, strict=True)]).reshape(n, N_RES),
             min_memory=np.array([max(r.min_mib, c.min_memory_mib if c is not None else 0.0)
-                                 for r, c in zip(rows, cfgs)]),
+                                 for r, c in zip(rows, cfgs, strict=True)]),
             weight=np.array([c.weight if c is not None else 1.0 for c in cfgs]),
             balloon_max=np.array([r.max_mib for r in rows]),
         )
@@ -266,13 +266,13 @@ class LibvirtHost(HostBase):
                 continue
             sig = signals_from(rep, r.last_agent)
             r.last_agent = rep
-            checked = cross_check(rep.used_mib, sig[MEMORY], r.mem or HostMemory.from_stats({}), r.mem_before,
+            checked = cross_check(rep.used_mib, sig[Resource.MEMORY], r.mem or HostMemory.from_stats({}), r.mem_before,
                                   interval)
             self._doubt(r, checked.note)
             confirmed[i] = checked.confirmed
             if np.isfinite(checked.used_mib):
                 usage[i][MEMORY] = checked.used_mib
-            sig[MEMORY] = checked.signal
+            sig[Resource.MEMORY] = checked.signal
             for res, value in sig.items():
                 # the host's own view of CPU steal (vcpu delay) wins over the guest's
                 if np.isfinite(value) and not (res == CPU and np.isfinite(signal[i][CPU])):
@@ -326,7 +326,7 @@ class LibvirtHost(HostBase):
         Retried for ``timeout`` seconds while the hypervisor does not answer;
         VMs left unrestored stay in ``unrestored()`` for the next start.
         """
-        todo = {s.uuid: (s, s.original) for s in self.vms.values()}
+        todo: Todo = {s.uuid: (s, s.original) for s in self.vms.values()}
         for uuid in self.pending_restore - set(todo):
             if uuid in self.saved_originals:
                 todo[uuid] = (None, self.saved_originals[uuid])
