@@ -12,10 +12,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.live import Live
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -46,7 +47,7 @@ LEGEND = {
 LEGEND_NOTE = ("* demand-weighted: a VM counts by its demand; the others count",
                "VM-periods or VMs. Only VM-periods with demand > 0; - = none.")
 #: the style of the report tables: a rule under the header, no frame
-COMPACT = {"box": box.SIMPLE_HEAD, "padding": (0, 0, 0, 1), "pad_edge": False}
+COMPACT: dict[str, Any] = {"box": box.SIMPLE_HEAD, "padding": (0, 0, 0, 1), "pad_edge": False}
 
 
 def progress(console: Console | None = None, transient: bool = False) -> Progress:
@@ -79,7 +80,7 @@ class Col:
     """
 
     header: str
-    justify: str = "right"
+    justify: JustifyMethod = "right"
     wrap: int | None = None
 
 
@@ -118,7 +119,7 @@ def fit_tables(title: str | None, cols: Sequence[Col], rows: Sequence[Sequence[s
     for parts in range(1, len(body) + 1):
         bounds = [-(-len(body) * k // parts) for k in range(parts + 1)]  # near-equal, earlier parts the larger
         tables = []
-        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=False)):
             name = title if parts == 1 or title is None else f"{title}, part {k + 1} of {parts}"
             idx = list(range(keep)) + list(range(keep + a, keep + b))
             tables.append(_table(name, [cols[i] for i in idx], [[r[i] for i in idx] for r in rows], style))
@@ -159,7 +160,7 @@ def metric_tables(result: dict, width: int | None = None) -> list[RenderableType
         if r == CPU:  # pins are a CPU action: beside the other actuations
             at = next((i + 1 for i, c in enumerate(cols) if c.header == "act/VMh"), len(cols))
             cols.insert(at, Col("pin/VMh"))
-            for row, res in zip(rows, policies.values()):
+            for row, res in zip(rows, policies.values(), strict=False):
                 row.insert(at, _fmt(res["pin_changes_per_vm_hour"]))
         out += fit_tables(f"{r.label} ({UNITS[r]})", cols, rows, width, **COMPACT)
         shown_all += [c.header for c in cols[1:] if c.header not in shown_all]
@@ -213,7 +214,8 @@ class LiveView:
                 Col("mem use\nMiB"), Col("mem fc\nMiB"), Col("balloon\nMiB"), Col("credit")]
         order = np.argsort(-np.nan_to_num(use[:, CPU] / np.maximum(obs.vms.sizes[:, CPU], 1)))[: self.rows]
         rows = [[str(obs.vms.names[i]), _fmt(use[i, CPU]), _fmt(fc[i, CPU]), _fmt(alloc[i, CPU]),
-                 _mib(use[i, MEMORY]), _mib(fc[i, MEMORY]), _mib(target[i]), f"{credit[i]:+.3f}" if np.isfinite(credit[i]) else "-"] for i in order]
+                 _mib(use[i, MEMORY]), _mib(fc[i, MEMORY]), _mib(target[i]),
+                 f"{credit[i]:+.3f}" if np.isfinite(credit[i]) else "-"] for i in order]
         return Group(head, *fit_tables(None, cols, rows, self.console.width))
 
 

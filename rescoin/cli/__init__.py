@@ -137,8 +137,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     sim = {"vms": args.vms, "vm_offset": args.vm_offset, "days": args.days, "start_day": args.start_day,
            "overcommit": args.overcommit}
     try:
-        daemon = Daemon(cfg, config_path=args.config, sim=sim, overrides=lambda c: _overrides(c, args), speed=args.speed if cfg.daemon.uri.startswith("sim:")
-                        else 1.0, dry_run_host=lambda h: DryRunHost(h, console))
+        speed = args.speed if cfg.daemon.uri.startswith("sim:") else 1.0
+        daemon = Daemon(cfg, config_path=args.config, sim=sim, overrides=lambda c: _overrides(c, args), speed=speed,
+                        dry_run_host=lambda h: DryRunHost(h, console))
         daemon.check_capacity()  # connect now: a wrong URI or a reserve above the host's size is reported at once
     except (ConfigError, TraceError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -176,7 +177,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             return query(path)
         except FileNotFoundError:
-            raise UserError(f"{path}: no status socket; is the daemon running? (scripts/start-scheduler status)") from None
+            raise UserError(f"{path}: no status socket; is the daemon running? "
+                            "(scripts/start-scheduler status)") from None
         except PermissionError:
             raise UserError(f"{path}: permission denied; `rescoin status` needs root") from None
         except (OSError, ValueError) as e:
@@ -268,14 +270,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
     from rescoin.core.registry import POLICIES
-
-    p = argparse.ArgumentParser(prog="rescoin", description="Predictive multi-resource fairness scheduler for KVM hosts.")
-    p.add_argument("--version", action="version", version=f"rescoin {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
 
     s = sub.add_parser("simulate", help="evaluate policies on a trace (rescoin vs peers vs the oracle)",
                        description="Replay a trace through the control loop once per policy and print the metrics.")
@@ -287,15 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("table", "json"), default="table")
     s.set_defaults(func=cmd_simulate)
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from rescoin.core.registry import POLICIES
+
     r = sub.add_parser("run", help="run the scheduler daemon",
                        description="Run the control loop every period until SIGTERM/SIGINT; SIGHUP reloads the "
                                    "configuration. Options given here override the configuration file.")
-    r.add_argument("--config", default=None, metavar="PATH", help="TOML configuration (default /etc/rescoin/rescoin.toml)")
+    r.add_argument("--config", default=None, metavar="PATH",
+                   help="TOML configuration (default /etc/rescoin/rescoin.toml)")
     r.add_argument("--uri", default=None, help="hypervisor URI (default qemu:///system), or sim:TRACE_DIR")
     r.add_argument("--policy", default=None, choices=[p for p in POLICIES if p != "oracle"])
     r.add_argument("--model", default=None, help="predictor model TOML (default models/default.toml)")
     r.add_argument("--period", type=_positive(float), default=None, help="seconds between steps (default 300)")
-    r.add_argument("--speed", type=_nonneg, default=1.0, help="time compression for sim hosts (0 = as fast as possible)")
+    r.add_argument("--speed", type=_nonneg, default=1.0,
+                   help="time compression for sim hosts (0 = as fast as possible)")
     r.add_argument("--history", default=None, metavar="DIR", help="write history CSV files here ('' = none)")
     r.add_argument("--state", default=None, metavar="FILE", help="daemon state file, saved each period ('' = none)")
     r.add_argument("--status-socket", default=None, metavar="PATH", help="UNIX socket for `rescoin status`")
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     _trace_args(r)
     r.set_defaults(func=cmd_run)
 
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("config", help="print a commented default configuration, or check one",
                        description="`rescoin config default` prints every option with its default and unit; "
                                    "`rescoin config check PATH` validates a file.")
@@ -328,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("path")
     c.set_defaults(func=cmd_config)
 
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("status", help="what the running daemon sees and does (root)",
                         description="Reads the daemon's status socket: per VM usage, forecast, allocation, credit, "
                                     "last actions and agent health; host capacity, reserve and contention.")
@@ -337,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=_positive(float), default=2.0)
     st.set_defaults(func=cmd_status)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the control loop on a simulated host replaying a real trace sample",
                        description="Replays the shipped Bitbrains sample with a live view, writes history CSV, "
                                    "then compares rescoin, static, mom and the oracle.")
@@ -349,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new directory for the history CSV (default: a new ./rescoin-history-DATE-TIME)")
     d.set_defaults(func=cmd_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: each sub-command adds its own parser."""
+    p = argparse.ArgumentParser(prog="rescoin",
+                                description="Predictive multi-resource fairness scheduler for KVM hosts.")
+    p.add_argument("--version", action="version", version=f"rescoin {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_simulate, _add_run, _add_config, _add_status, _add_demo):
+        add(sub)
     from rescoin.cli.analyze import add_analyze_parser
     from rescoin.cli.fit import add_fit_parser
     from rescoin.cli.lab import add_lab_parser

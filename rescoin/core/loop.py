@@ -69,7 +69,8 @@ class ControlLoop:
         forecast = self.predictor.predict(h) if self.predictor is not None else None
         # only a policy that declares it (the oracle) sees the true demand a simulator knows
         seen = obs if self.policy.needs_truth else replace(obs, truth=None, truth_next=None)
-        inp = PolicyInput(obs=seen, forecast=forecast, history=h, capacity=capacity, entitlement=ent, period=self.period)
+        inp = PolicyInput(obs=seen, forecast=forecast, history=h, capacity=capacity, entitlement=ent,
+                          period=self.period)
         alloc = self.policy.allocate(inp).with_all_diagnostics(obs.n)
         if self.placement is not None:
             pins, width = self.placement.place(inp, self.placement.load(inp))

@@ -261,8 +261,9 @@ def default_text() -> str:
         out.append(f"[{name}]")
         for f in fields(cls):
             doc, unit = _doc(cls, f)
-            default = f.default if f.default is not MISSING else f.default_factory()
-            choices = (f.metadata or {}).get("choices")
+            factory = f.default_factory
+            default = f.default if f.default is not MISSING else factory() if factory is not MISSING else None
+            choices = f.metadata.get("choices")
             extra = f" ({unit})" if unit else ""
             extra += f"; one of: {', '.join(choices)}" if choices else ""
             if f"{name}.{f.name}" in RESTART_NEEDED:

@@ -7,6 +7,7 @@ own /proc entries), and libvirt where it reads the same files back.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -42,10 +43,8 @@ def _remove(conn) -> None:
             dom.destroy()
     except libvirt.libvirtError:
         pass
-    try:
+    with contextlib.suppress(libvirt.libvirtError):
         dom.undefine()
-    except libvirt.libvirtError:
-        pass
 
 
 @pytest.fixture(scope="module")

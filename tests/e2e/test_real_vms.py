@@ -62,7 +62,7 @@ class Daemon:
         cmd = [sys.executable, "-m", "rescoin.cli", "run", "--uri", URI, "--vm-filter", f"{lab.LAB_PREFIX}*",
                "--period", str(PERIOD), "--history", str(self.history), "--host-memory", str(HOST_MEMORY),
                "--disk-kibs", str(DISK_KIBS), "--agent-timeout", "0.8", *extra]
-        self.fh = open(self.log, "w")
+        self.fh = open(self.log, "w")  # noqa: SIM115 - the daemon's log, open for its lifetime; closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
@@ -171,7 +171,7 @@ def test_busy_vcpus_apart_and_shares_follow_allocation(conn, vms, daemon):
     def busy_apart():
         p1 = dom(conn, NAMES[1]).vcpuPinInfo(0)[0]
         p2 = dom(conn, NAMES[2]).vcpuPinInfo(0)[0]
-        return not all(p1) and not all(p2) and not any(a and b for a, b in zip(p1, p2))
+        return not all(p1) and not all(p2) and not any(a and b for a, b in zip(p1, p2, strict=False))
 
     wait_for("busy vCPUs pinned to different pCPUs", busy_apart, timeout=90)
 
@@ -205,7 +205,7 @@ def test_disk_writer_gets_the_blkio_weight_its_allocation_implies(conn, vms, dae
             return None
         # the allocation decided in the last period, as the guard turns it into weights
         weight = np.maximum(last.allocation.to_numpy(), last.entitlement.fillna(0.0).to_numpy())
-        want = dict(zip(last.index, blkio_weights(weight)))
+        want = dict(zip(last.index, blkio_weights(weight), strict=False))
         have = {n: dom(conn, n).blkioParameters()["weight"] for n in vms}
         close = all(abs(have[n] - want[n]) <= 0.1 * want[n] + 1 for n in vms)  # within the guard's dead-band
         return (have, want) if close and have[NAMES[1]] > have[NAMES[3]] else None
@@ -224,7 +224,8 @@ def test_agent_killed_garbage_hang_loop_goes_on(conn, vms, daemon):
     for mode in ("garbage", "hang"):
         before = daemon.periods()
         agent_request(sock, op="chaos", mode=mode, timeout=5.0)
-        wait_for(f"periods going on with the agent in mode {mode}", lambda: daemon.periods() >= before + 3, timeout=30)
+        wait_for(f"periods going on with the agent in mode {mode}",
+                 lambda before=before: daemon.periods() >= before + 3, timeout=30)
         agent_request(sock, op="chaos", mode="normal", timeout=5.0)
     before = daemon.periods()
     agent_request(sock, op="chaos", mode="exit", timeout=5.0)
@@ -273,6 +274,6 @@ def test_sigterm_flushes_history_and_restores_originals(vms, daemon, originals):
             assert now[0] == originals[n][0] and now[1] == originals[n][1], n
             # the guest gives its balloon back in its own time: wait for it
             wait_for(f"{n}'s balloon back to {originals[n][2]} KiB",
-                     lambda: abs(dm.info()[2] - originals[n][2]) <= 4096, timeout=30)
+                     lambda dm=dm, n=n: abs(dm.info()[2] - originals[n][2]) <= 4096, timeout=30)
     finally:
         c2.close()

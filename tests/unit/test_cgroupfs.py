@@ -145,7 +145,7 @@ def test_shares_to_weight_is_the_current_runc_mapping():
     assert shares_to_weight(1) == 1 and shares_to_weight(10**9) == 10000  # clamped
     assert shares_to_weight(2048) == 174  # the value runc 1.4 writes for --cpu-shares 2048 (ceil of 173.2)
     ws = [shares_to_weight(s) for s in range(2, 262145)]
-    assert all(a <= b for a, b in zip(ws, ws[1:]))  # monotonic
+    assert all(a <= b for a, b in zip(ws, ws[1:], strict=False))  # monotonic
     assert set(ws) == set(range(1, 10001))  # every weight is reachable
     for w in (1, 2, 39, 99, 100, 101, 5000, 9999, 10000):
         s = weight_to_shares(w)
@@ -157,7 +157,7 @@ def test_blkio_weights_keep_their_share_next_to_the_v2_default():
     assert blkio_to_io_weight(10) == 2 and blkio_to_io_weight(1000) == 200
     assert blkio_to_io_weight(1) == 2 and blkio_to_io_weight(10**6) == 200  # clamped to 10..1000 first
     io = [blkio_to_io_weight(w) for w in range(10, 1001)]
-    assert all(a <= b for a, b in zip(io, io[1:])) and min(io) >= 1 and max(io) <= 10000
+    assert all(a <= b for a, b in zip(io, io[1:], strict=False)) and min(io) >= 1 and max(io) <= 10000
     for a, b in ((250, 500), (100, 1000), (300, 600)):  # ratios between VMs are kept
         assert blkio_to_io_weight(b) / blkio_to_io_weight(a) == pytest.approx(b / a, rel=0.05)
     for w in (10, 100, 250, 500, 995, 1000):

@@ -125,7 +125,10 @@ def test_heavier_under_weight_gives_less_under_estimation():
     s = local_level(0.3, vms=6, periods=300)
     light = fit(s, plain_base(), w_under=1.0, holdout=0.0, rounds=1)
     heavy = fit(s, plain_base(), w_under=8.0, holdout=0.0, rounds=1)
-    under = lambda r: r.fitted_sums.part(FIT).ratio("under", axis=(0, 1))[CPU]
+
+    def under(r):
+        return r.fitted_sums.part(FIT).ratio("under", axis=(0, 1))[CPU]
+
     assert under(heavy) < 0.7 * under(light)
 
 
@@ -254,7 +257,8 @@ def test_defaults_are_those_that_made_the_shipped_model():
     # one resource named: the others keep their default weight, not some other number
     w = fit_args(["hist", "--under-weight", "memory=1000"]).under_weight
     default = np.asarray(plain.under_weight)
-    assert np.asarray(w)[MEMORY] == 1000 and np.delete(np.asarray(w), MEMORY).tolist() == np.delete(default, MEMORY).tolist()
+    assert np.asarray(w)[MEMORY] == 1000
+    assert np.delete(np.asarray(w), MEMORY).tolist() == np.delete(default, MEMORY).tolist()
 
 
 def test_the_written_header_says_the_base_and_weights_even_at_their_defaults(tmp_path, kit, capsys):

@@ -114,7 +114,7 @@ def test_rows_follow_uuids_property(kit, periods, window):
     for t, present in enumerate(periods):
         run = {u: run.get(u, []) for u in present}  # absent VMs lose their history
         vals = [100.0 * t + ord(u) for u in present]
-        for u, v in zip(present, vals):
+        for u, v in zip(present, vals, strict=False):
             run[u].append((t, v))
         push(kit, h, present, vals, t)
         assert list(h.vms.uuids) == list(present)

@@ -95,7 +95,7 @@ def test_applied_controls_follow_uuid_as_vms_come_and_go(kit, name):
     for step in loop.steps():
         seen.append((step.obs.vms, step.obs.controls.copy(), step.plan.controls.copy()))
     checked = 0
-    for (pv, _, planned), (cv, observed, _) in zip(seen, seen[1:]):
+    for (pv, _, planned), (cv, observed, _) in zip(seen, seen[1:], strict=False):
         for u in set(pv.uuids) & set(cv.uuids):
             want = _controls_of(planned, pv, u)
             got = _controls_of(observed, cv, u)
@@ -114,7 +114,7 @@ def test_step_records_do_not_change_afterwards(kit, name):
     for step in loop.steps():
         steps.append(step)
         frozen.append((step.obs.controls.copy(), step.plan.controls.copy()))
-    for t, (step, (obs_ctl, plan_ctl)) in enumerate(zip(steps, frozen)):
+    for t, (step, (obs_ctl, plan_ctl)) in enumerate(zip(steps, frozen, strict=False)):
         for k in ("shares", "quota", "balloon", "blkio", "netcap", "pins"):
             np.testing.assert_array_equal(getattr(step.obs.controls, k), getattr(obs_ctl, k),
                                           err_msg=f"obs.controls.{k} of period {t} changed later")
@@ -456,7 +456,7 @@ def test_only_a_policy_that_declares_it_sees_the_truth(kit):
         parts = build(name)
         seen = []
         inner = parts.policy.allocate
-        parts.policy.allocate = lambda inp, _f=inner: (seen.append(inp.obs), _f(inp))[1]
+        parts.policy.allocate = lambda inp, _f=inner, _seen=seen: (_seen.append(inp.obs), _f(inp))[1]
         loop = ControlLoop(SimHost(mixed_trace(kit, periods=3, n=2)), parts, period=300.0)
         steps = list(loop.steps(3))
         assert steps[0].obs.truth is not None  # the step (metrics) still has it

@@ -131,7 +131,7 @@ def test_default_model_growth_from_file(kit):
     g = tomllib.loads((MODELS / "default.toml").read_text())["cpu"]["growth"]
     fcs = run(kit, default_predictor(), column([2.0] * 4), signals=column([0.9] * 4))
     v = [f.value[0, CPU] for f in fcs]
-    for a, b in zip(v, v[1:]):
+    for a, b in zip(v, v[1:], strict=False):
         assert b / a == pytest.approx(g, rel=1e-9)
 
 

@@ -8,6 +8,7 @@ VM and the call. Nothing raises to the loop but ``HostUnavailableError``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -76,10 +77,8 @@ class Libvirt:
 
     def close(self) -> None:
         if self.conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection may fail any way
                 self.conn.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection may fail any way
-                pass
         self.conn = None
 
     def call(self, what: str, vm: str | None, fn: Callable, *args, default=None):

@@ -88,7 +88,9 @@ def _agent_endpoint(root: ET.Element) -> str | None:
 
 
 def _devices(root: ET.Element, tag: str) -> list[str]:
-    return [d.find("target").get("dev") for d in root.iter(tag) if d.find("target") is not None]
+    """The target device names of ``tag`` elements; one without a name cannot be asked for its counters."""
+    targets = (d.find("target") for d in root.iter(tag))
+    return [dev for t in targets if t is not None and (dev := t.get("dev")) is not None]
 
 
 def adopt(lv: Libvirt, dom, stats: dict, t: int, saved: dict[str, dict]) -> VMState | None:
