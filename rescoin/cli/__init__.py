@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rescoin.lab import add_lab_parser
     from rescoin.offline.analysis import add_analyze_parser
     from rescoin.offline.fit import add_fit_parser
-    from rescoin.ops.deploy import add_agent_parser
+    from rescoin.cli.agent import add_agent_parser
 
     add_lab_parser(sub)
     add_agent_parser(sub)
