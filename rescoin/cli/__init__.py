@@ -368,10 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in (_add_simulate, _add_run, _add_config, _add_status, _add_demo):
         add(sub)
+    from rescoin.cli.agent import add_agent_parser
     from rescoin.cli.analyze import add_analyze_parser
     from rescoin.cli.fit import add_fit_parser
     from rescoin.cli.lab import add_lab_parser
-    from rescoin.ops.deploy import add_agent_parser
 
     add_lab_parser(sub)
     add_agent_parser(sub)

@@ -187,7 +187,12 @@ def _parse(line, key, nonce, now, max_age) -> AgentReport:
         obj = _unwrap(obj, bytes(key))
     elif "payload" in obj and "hmac" in obj:
         raise AgentError("signed reply but no key configured")
+    ts = _checked_ts(obj, key, nonce, now, max_age)
+    return _report(obj, ts)
 
+
+def _checked_ts(obj: dict, key, nonce, now, max_age) -> float:
+    """The reply's ts, after the checks that come before its data: version, nonce, error, age."""
     version = obj.get("v")
     if isinstance(version, bool) or version != PROTOCOL_VERSION:
         raise AgentError(f"unsupported protocol version {_short(version, 20)}")
@@ -208,7 +213,11 @@ def _parse(line, key, nonce, now, max_age) -> AgentReport:
             now = time.time()
         if not abs(now - ts) <= max_age:
             raise AgentError(f"stale reply: ts is {now - ts:+.1f}s from now (max {max_age:g}s)")
+    return ts
 
+
+def _report(obj: dict, ts: float) -> AgentReport:
+    """The checked data sections of a reply, as an :class:`AgentReport`."""
     mem = _section(obj, "mem", "")
     total, avail, free, swap_total, swap_free = (_number(mem, f, "mem.") for f in _MEM_FIELDS)
     _not_above(avail, total, "mem.available_kib exceeds mem.total_kib")
@@ -224,18 +233,7 @@ def _parse(line, key, nonce, now, max_age) -> AgentReport:
     cpu_steal = _number(cpu, "steal_ticks", "cpu.")
     _not_above(cpu_steal, cpu_total, "cpu.steal_ticks exceeds cpu.total_ticks")
 
-    psi = _section(obj, "psi", "")
-    some10 = {}
-    full10 = {}
-    for res in ("memory", "cpu", "io"):
-        where = f"psi.{res}."
-        sec = _section(psi, res, "psi.")
-        for name in _PSI_AVG_FIELDS:
-            _number(sec, name, where, hi=100.0)
-        for name in _PSI_TOTAL_FIELDS:
-            _number(sec, name, where)
-        some10[res] = _number(sec, "some_avg10", where, hi=100.0)
-        full10[res] = _number(sec, "full_avg10", where, hi=100.0)
+    some10, full10 = _psi_avg10(_section(obj, "psi", ""))
 
     mib = 1.0 / 1024.0
     return AgentReport(
@@ -254,6 +252,22 @@ def _parse(line, key, nonce, now, max_age) -> AgentReport:
         psi_cpu_some=some10["cpu"],
         psi_io_some=some10["io"],
     )
+
+
+def _psi_avg10(psi: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Check every PSI field; return the some/full avg10 of memory, cpu and io."""
+    some10 = {}
+    full10 = {}
+    for res in ("memory", "cpu", "io"):
+        where = f"psi.{res}."
+        sec = _section(psi, res, "psi.")
+        for name in _PSI_AVG_FIELDS:
+            _number(sec, name, where, hi=100.0)
+        for name in _PSI_TOTAL_FIELDS:
+            _number(sec, name, where)
+        some10[res] = _number(sec, "some_avg10", where, hi=100.0)
+        full10[res] = _number(sec, "full_avg10", where, hi=100.0)
+    return some10, full10
 
 
 def check_size(report: AgentReport, max_mib: float) -> None:

@@ -29,10 +29,17 @@ from rescoin.ops.deploy import (
     REMOTE_PIDFILE,
     REMOTE_UNIT,
     DeployError,
-    main,
     parse_target,
     read_inventory,
 )
+
+from rescoin.cli import main as rescoin_main
+
+
+def main(args: list[str]) -> int:
+    """``rescoin agent ARGS``: errors are printed by the CLI's dispatch, as for the real command."""
+    return rescoin_main(["agent", *args])
+
 
 SSHD = Path("/usr/sbin/sshd")
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
