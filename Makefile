@@ -25,7 +25,7 @@ host: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rescoin demo
 
-test: $(STAMP) host
+test: $(STAMP) host lint
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)

@@ -26,6 +26,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rescoin.core.resources import Resource
 
@@ -373,7 +374,7 @@ def signals_from(report: AgentReport, prev: AgentReport | None = None) -> dict[R
 # Querying many agents at once
 
 
-def _parse_endpoint(endpoint) -> tuple[int, object]:
+def _parse_endpoint(endpoint) -> tuple[int, Any]:
     """``unix:/path`` or ``tcp:host:port`` (``tcp:[v6]:port``) -> (family, address).
 
     Host names are resolved here, before the sockets go non-blocking: use

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import hmac
 import importlib.util
@@ -640,10 +641,10 @@ def test_client_does_not_leak_fds(fakes, short_dir):
 
     client.query(endpoints)
     before = open_fds()
-    for i in range(200):
+    for _i in range(200):
         result = client.query(endpoints)
         assert result["good"] is not None
-    for i in range(10):
+    for _i in range(10):
         assert AgentClient(timeout=0.01).query({"hang": hang})["hang"] is None
     deadline = time.monotonic() + 2  # server threads close their ends a moment later
     while open_fds() > before and time.monotonic() < deadline:
@@ -787,10 +788,8 @@ def test_init_script_start_status_stop(tmp_path, proc_root):
         for name in ("agent.pid",):
             path = tmp_path / name
             if path.exists():
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     os.kill(int(path.read_text()), 9)
-                except (OSError, ValueError):
-                    pass
 
 
 # ---------------------------------------------------------------------------

@@ -14,8 +14,6 @@ import ast
 import functools
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[2] / "rescoin"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
@@ -25,6 +23,9 @@ LONG_MODULES: dict[str, str] = {
     "rescoin/guest_agent/rescoin_agent.py":
         "deployed into guests as one standard-library file (no package, Python 3.6+); splitting it "
         "would mean shipping and versioning several files per guest",
+    "rescoin/hosts/agent.py":
+        "NOT YET SPLIT (issue 9 open): the validating parser of an untrusted agent reply and the "
+        "non-blocking many-agents client; the split into hosts/agent/ (protocol, connection, client) is next",
 }
 #: functions allowed over MAX_FUNCTION_LINES ("path::Qual.name"), each with the reason
 LONG_FUNCTIONS: dict[str, str] = {}
@@ -41,7 +42,6 @@ FORBIDDEN: dict[str, tuple[set[str], set[str]]] = {
 CLI_IMPORTERS = {"rescoin.__main__"}
 ROOMS = {"core", "hosts", "ops", "offline", "cli", "lab", "cluster", "view"}
 
-IN_PROGRESS = pytest.mark.xfail(strict=False, reason="issue 9 restructuring in progress")
 
 
 # --- reading the package ------------------------------------------------------------------
@@ -222,13 +222,11 @@ def _function_lines() -> dict[str, int]:
 # --- the shape of rescoin/ ----------------------------------------------------------------
 
 
-@IN_PROGRESS
 def test_no_module_over_500_lines():
     long = {m: n for m, n in _module_lines().items() if n > MAX_MODULE_LINES and m not in LONG_MODULES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
-@IN_PROGRESS
 def test_no_function_over_60_lines():
     long = {f: n for f, n in _function_lines().items() if f not in LONG_FUNCTIONS}
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
@@ -242,7 +240,6 @@ def test_every_allowed_exception_is_still_needed():
     assert not stale, f"allowed but no longer long: {stale}"
 
 
-@IN_PROGRESS
 def test_no_import_cycles():
     found = cycles(_graph())
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
@@ -253,7 +250,6 @@ def test_the_core_imports_only_itself_and_the_host_protocol():
     assert not breaks, "the decision core imports outside itself:\n" + "\n".join(breaks)
 
 
-@IN_PROGRESS
 def test_imports_run_one_way():
     breaks = direction_breaks(_graph())
     assert not breaks, "imports against the layering:\n" + "\n".join(breaks)
