@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from rescoin.cli import main as rescoin_main
 from rescoin.hosts.agent import AgentClient, load_key
 from rescoin.ops.deploy import (
     REMOTE_AGENT,
@@ -32,8 +33,6 @@ from rescoin.ops.deploy import (
     parse_target,
     read_inventory,
 )
-
-from rescoin.cli import main as rescoin_main
 
 
 def main(args: list[str]) -> int:
@@ -193,7 +192,7 @@ def _row(output: str, target: str) -> str:
         if not line.startswith("│") or (cells and parts[0].strip()):
             break  # the table's bottom border or the next row
         cells = cells or [[] for _ in parts]
-        for cell, part in zip(cells, parts):
+        for cell, part in zip(cells, parts, strict=False):
             cell.append(part.strip())
     return " ".join(" ".join(" ".join(cell).split()) for cell in cells)
 

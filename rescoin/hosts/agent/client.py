@@ -9,12 +9,13 @@ import secrets
 import selectors
 import socket
 import time
+from typing import Any
 
 from rescoin.hosts.agent.protocol import (
-    _short,
     AgentError,
     AgentReport,
     StaleReply,
+    _short,
     parse_reply,
 )
 
@@ -22,7 +23,7 @@ from rescoin.hosts.agent.protocol import (
 # Querying many agents at once
 
 
-def _parse_endpoint(endpoint) -> tuple[int, object]:
+def _parse_endpoint(endpoint) -> tuple[int, str | tuple[Any, ...]]:
     """``unix:/path`` or ``tcp:host:port`` (``tcp:[v6]:port``) -> (family, address).
 
     Host names are resolved here, before the sockets go non-blocking: use
@@ -191,16 +192,3 @@ class AgentClient:
         if q.received > self.max_reply:
             raise AgentError(f"reply longer than {self.max_reply} bytes")
         return None
-
-
-__all__ = [
-    "AgentClient",
-    "AgentError",
-    "AgentReport",
-    "StaleReply",
-    "check_size",
-    "load_key",
-    "parse_reply",
-    "signals_from",
-    "swap_fault_pressure",
-]

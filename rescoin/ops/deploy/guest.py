@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rescoin.hosts.agent import AgentError, parse_reply
 from rescoin.ops.deploy.targets import (
@@ -107,7 +109,7 @@ class _Guest:
     def __init__(self, target: Target, settings: Settings):
         self.target = target
         self.s = settings
-        self.client = None
+        self.client: Any = None  # a paramiko.SSHClient once connect() ran (paramiko loads lazily)
         self.is_root = False
         self.notes: list[str] = []
 
@@ -280,10 +282,9 @@ class _Guest:
         except OSError as e:  # SFTP errors are IOErrors
             raise HostFailure(f"SFTP upload failed: {e.strerror or e}") from None
         finally:
-            try:
+            # best effort; the failure that matters is raised already
+            with contextlib.suppress(Exception):
                 self.run(f"rm -rf {shlex.quote(staging)}", as_root=False, what="removing the staging directory")
-            except Exception:  # noqa: BLE001 - best effort; the failure that matters is raised already
-                pass
 
     def _init_command(self, action: str) -> str:
         s = self.s

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rescoin.errors import RescoinError
 from rescoin.hosts.agent import AgentError, load_key
@@ -182,7 +183,7 @@ class Settings:
     transport: str = "tcp"
     listen: tuple[str, int] = ("127.0.0.1", 9477)
     agent_key: bytes | None = None       # the shared HMAC key (tcp)
-    pkey: object = None                  # paramiko.PKey from --key, or None
+    pkey: Any = None                     # paramiko.PKey from --key, or None
     use_default_keys: bool = True        # also try ~/.ssh/id_* (when no --key)
     known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
     system_known_hosts: Path | None = None
