@@ -23,9 +23,6 @@ LONG_MODULES: dict[str, str] = {
     "rescoin/guest_agent/rescoin_agent.py":
         "deployed into guests as one standard-library file (no package, Python 3.6+); splitting it "
         "would mean shipping and versioning several files per guest",
-    "rescoin/hosts/agent.py":
-        "NOT YET SPLIT (issue 9 open): the validating parser of an untrusted agent reply and the "
-        "non-blocking many-agents client; the split into hosts/agent/ (protocol, connection, client) is next",
 }
 #: functions allowed over MAX_FUNCTION_LINES ("path::Qual.name"), each with the reason
 LONG_FUNCTIONS: dict[str, str] = {}

@@ -109,7 +109,7 @@ class _Guest:
     def __init__(self, target: Target, settings: Settings):
         self.target = target
         self.s = settings
-        self.client: Any = None  # a paramiko.SSHClient once connected
+        self.client: Any = None  # a paramiko.SSHClient once connect() ran (paramiko loads lazily)
         self.is_root = False
         self.notes: list[str] = []
 
@@ -282,7 +282,8 @@ class _Guest:
         except OSError as e:  # SFTP errors are IOErrors
             raise HostFailure(f"SFTP upload failed: {e.strerror or e}") from None
         finally:
-            with contextlib.suppress(Exception):  # best effort; the failure that matters is raised already
+            # best effort; the failure that matters is raised already
+            with contextlib.suppress(Exception):
                 self.run(f"rm -rf {shlex.quote(staging)}", as_root=False, what="removing the staging directory")
 
     def _init_command(self, action: str) -> str:
