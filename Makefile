@@ -28,8 +28,9 @@ demo: $(STAMP)
 test: $(STAMP) host lint
 	$(BIN)/python -m pytest -q tests
 
+# the unit tests on every core (pytest-xdist); `make test` runs everything in one process
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -n auto tests/unit
 
 # ruff (rules and line length in pyproject.toml) and mypy (strict on rescoin/core); fails on any finding
 lint: $(STAMP)

@@ -31,7 +31,7 @@ from rescoin.offline.evaluate import METRICS
 SHORT = {"satisfaction": "satisf", "violations": "viol", "worst_off": "worst", "fairness": "Jain",
          "breaches": "breach", "actuations_per_vm_hour": "act/VMh", "reclaimed": "reclaim",
          "under_error": "under", "over_error": "over"}
-#: what each metric column means (DESIGN section 10), printed under the tables
+#: what each metric column means (docs/architecture.md, "Metrics"), printed under the tables
 LEGEND = {
     "satisf": "granted / demand, both summed over VM-periods *",
     "viol": "share of VM-periods granted less than 95% of their demand",
@@ -144,7 +144,7 @@ def legend(columns: Sequence[str]) -> Table:
 
 
 def metric_tables(result: dict, width: int | None = None) -> list[RenderableType]:
-    """A table per resource (a row per policy, a column per metric, DESIGN section 10), then a legend.
+    """A table per resource (a row per policy, a column per metric), then a legend.
 
     A resource no VM had demand for (a CPU-only trace's memory, disk, net) gets no table.
     """

@@ -1,4 +1,4 @@
-"""The guard: the only place an allocation becomes actions (DESIGN section 8).
+"""The guard: the only place an allocation becomes actions (its rules: README, "How rescoin decides").
 
 Policies propose; the guard enforces what must never happen: balloon targets
 below a guest's used memory plus a reserve, below its configured minimum or

@@ -3,7 +3,7 @@
 Observed usage is censored (a VM never uses more than it was given), so a
 predictor that follows usage alone shrinks allocations period after period.
 Every predictor here therefore also reads the unmet-demand signal and grows
-its estimate multiplicatively while that signal is on (DESIGN section 6).
+its estimate multiplicatively while that signal is on.
 
 All predictors share one interface: ``predict(history) -> Forecast``. Their
 per-VM state lives in ``History`` so it follows VMs as they come and go.

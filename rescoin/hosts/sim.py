@@ -1,4 +1,4 @@
-"""SimHost: a host that replays per-VM demand from a trace (DESIGN section 9).
+"""SimHost: a host that replays per-VM demand from a trace, by the rules below.
 
 It grants resources the way the real mechanisms would, and the same rules
 apply to every policy:

@@ -1,7 +1,7 @@
 """``rescoin lab``: tiny real QEMU guests under libvirt, the guest agent inside.
 
 The lab is for trying rescoin on real VMs on a machine without hardware
-virtualisation (DESIGN.md section 13): software-emulated QEMU guests
+virtualisation: software-emulated QEMU guests
 (``<domain type='qemu'>``) that boot a Debian cloud kernel straight into a
 busybox + Python initramfs. The initramfs starts the guest agent on the
 virtio-serial port ``org.rescoin.agent.0`` and a load generator whose load

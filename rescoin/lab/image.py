@@ -32,7 +32,7 @@ from rescoin.lab.cpio import Cpio
 
 IMAGE_FORMAT = 1               # bump when the builder changes what it produces
 PYTHON = "python3.11"
-# load order (DESIGN.md 13): virtio_ring before virtio; dependencies found in the
+# load order (README, "Trying it on real VMs: the lab"): virtio_ring before virtio; dependencies found in the
 # modules' own .modinfo are loaded first anyway
 MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
            "virtio_balloon", "virtio_console", "virtio_blk")

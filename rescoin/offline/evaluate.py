@@ -1,4 +1,4 @@
-"""Metrics of DESIGN section 10, accumulated step by step over whole arrays.
+"""The metrics of docs/architecture.md ("Metrics"), accumulated step by step over whole arrays.
 
 Counted over every VM and period with demand above zero, per resource.
 Satisfaction alone would flatter any policy that sets CPU shares (they are

@@ -161,8 +161,10 @@ def test_run_dry_run_applies_nothing(capsys, tmp_path, keep_signals):
     assert "dry-run" in err and "not applied" in err  # the plan is shown instead of applied
 
 
-def test_run_unknown_uri(capsys, keep_signals):
-    code = main(["run", "--uri", "bogus:///x", "--max-periods", "1"])
+def test_run_unknown_uri(capsys, keep_signals, tmp_path):
+    # paths of its own: the defaults under /var/lib/rescoin may be locked by a daemon running on this machine
+    code = main(["run", "--uri", "bogus:///x", "--max-periods", "1", "--state", str(tmp_path / "st.npz"),
+                 "--history", str(tmp_path / "h"), "--status-socket", str(tmp_path / "s.sock")])
     assert code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

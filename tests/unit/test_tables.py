@@ -1,20 +1,13 @@
 """Tables people can read: 80 columns, no cut numbers, a legend, no empty tables, no bars in files.
 
 Tables are rendered the way a pipe gets them (rich at width 80, no terminal)
-and read back: every cell must be there in full, under its own header.
-The commands run as real processes with their output on a pipe (or stderr
-on a real pseudo-terminal, to see the progress bar go there and only there).
+and read back: every cell must be there in full, under its own header. The
+commands themselves, as processes on a pipe and a terminal, are in
+tests/integration/test_commands_on_a_pipe.py.
 """
 from __future__ import annotations
 
 import io
-import os
-import pty
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,10 +21,8 @@ from rescoin.view import SHORT, Col, _fmt, fit_tables, metric_tables, progress
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLANETLAB = DATA / "planetlab"
-ROOT = Path(__file__).resolve().parents[2]
 LONG_NAMES = ["rescoin", "rescoin-paper", "kvmscheduling", "static"]
 METRIC_OF = {short: m for m, short in SHORT.items()}
-BAR_MARKS = ("0:00:", "━")  # the elapsed-time column and the bar itself
 
 
 def rendered(renderable, width: int = 80) -> str:
@@ -155,115 +146,3 @@ def test_progress_bar_goes_to_stderr_and_only_to_a_terminal(capsys):
         bar.advance(task, 3)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
-
-
-# -- the commands, as processes, on a pipe -------------------------------------------------------------------
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")}
-    env["TERM"] = "xterm"
-    return env
-
-
-def rescoin(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rescoin.cli", *args]
-
-
-def test_simulate_on_a_pipe_fits_80_columns_with_a_legend_and_no_bar():
-    p = subprocess.run(rescoin("simulate", "--trace", str(PLANETLAB), "--days", "0.5",
-                               "--policies", "rescoin,rescoin-paper,kvmscheduling"),
-                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert_fits(p.stdout)
-    for mark in BAR_MARKS:
-        assert mark not in p.stdout and mark not in p.stderr
-    assert "demand-weighted" in p.stdout and "act/VMh" in p.stdout
-    assert "memory (MiB)" not in p.stdout and "disk (" not in p.stdout and "net (" not in p.stdout
-
-
-def test_progress_bar_is_drawn_on_a_terminal_stderr_only():
-    master, slave = pty.openpty()
-    got = bytearray()
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # the child closed its end
-                return
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        p = subprocess.run(rescoin("simulate", "--trace", str(PLANETLAB), "--days", "0.5", "--policies", "static"),
-                           stdout=subprocess.PIPE, stderr=slave, text=True, env=_env(), cwd=ROOT, timeout=120)
-    finally:
-        os.close(slave)
-    reader.join(10)
-    os.close(master)
-    assert p.returncode == 0
-    err = got.decode(errors="replace")
-    assert "static" in err and any(mark in err for mark in BAR_MARKS), err[-500:]
-    for mark in BAR_MARKS:
-        assert mark not in p.stdout
-    assert_fits(p.stdout)
-
-
-def test_demo_on_a_pipe_fits_80_columns_with_a_legend_and_no_bar(tmp_path):
-    p = subprocess.run(rescoin("demo", "--seconds", "0.5", "--days", "0.2", "--vms", "8",
-                               "--history", str(tmp_path / "hist")),
-                       capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert_fits(p.stdout)
-    assert "0:00:" not in p.stdout and "0:00:" not in p.stderr
-    assert "demand-weighted" in p.stdout and "satisf" in p.stdout
-    assert "MiB" in p.stdout and "cores" in p.stdout  # the live view's headers carry units
-    lines = p.stdout.splitlines()
-    assert any(line.startswith("history: ") for line in lines)  # not glued to the live view's last line
-
-
-def test_analyze_on_a_pipe_fits_80_columns_and_drops_resources_without_data(tmp_path):
-    hist = tmp_path / "hist"
-    run = subprocess.run(rescoin("run", "--uri", f"sim:{PLANETLAB}", "--speed", "0", "--max-periods", "30",
-                                 "--history", str(hist)), capture_output=True, text=True, env=_env(),
-                         cwd=tmp_path, timeout=120)
-    assert run.returncode == 0, run.stderr
-    p = subprocess.run(rescoin("analyze", str(hist)), capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert_fits(p.stdout)
-    assert "vm_periods" in p.stdout and "credit" in p.stdout
-    assert "memory" not in p.stdout.split("top ")[0]  # a CPU-only history: no empty memory column
-    for name in ("planetlab1_cs_purdue_edu_purdue_2", "pl2_csl_utoronto_ca_root"):
-        assert name in p.stdout  # VM names whole
-
-
-def test_status_prints_actions_as_a_table_with_units(tmp_path):
-    sock = tmp_path / "run" / "status.sock"
-    daemon = subprocess.Popen(rescoin("run", "--uri", "sim:", "--speed", "1000", "--status-socket", str(sock)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            p = subprocess.run(rescoin("status", "--socket", str(sock)), capture_output=True, text=True,
-                               env=_env(), cwd=tmp_path, timeout=60)
-            if p.returncode == 0 and "starting" not in p.stdout:
-                break
-            assert daemon.poll() is None and time.monotonic() < deadline, (p.stdout, p.stderr)
-            time.sleep(0.3)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
-    out = p.stdout
-    assert_fits(out)
-    assert "{'" not in out and "{}" not in out  # no Python dict
-    header_lines = [line for line in out.splitlines() if "MiB" in line or "cores" in line]
-    assert any("MiB" in line for line in header_lines) and any("cores" in line for line in header_lines)
-    lines = out.splitlines()
-    at = next(i for i, line in enumerate(lines) if "action" in line and "applied" in line and "failed" in line)
-    kinds = [line.strip("│ ").split()[0] for line in lines[at + 2:] if line.strip("│ ") and line[0] in "│ "]
-    assert "shares" in kinds and "balloon" in kinds
-    for name in (f"vm-{i}" for i in range(1, 25)):
-        assert name in out  # every VM, each in full

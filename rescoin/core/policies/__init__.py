@@ -1,4 +1,4 @@
-"""Allocation policies (DESIGN section 7); ``rescoin.core.registry`` wires each to its predictor and placement."""
+"""Allocation policies; ``rescoin.core.registry`` wires each to its predictor and placement."""
 from __future__ import annotations
 
 from rescoin.core.policies.base import Policy, PolicyInput, entitlement

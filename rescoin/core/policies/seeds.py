@@ -1,4 +1,4 @@
-"""The two seed prototypes' memory coordinators, bug-fixed (DESIGN sections 7, 12).
+"""The two seed prototypes' memory coordinators, bug-fixed.
 
 Both react to what a guest has available now (balloon target minus used);
 neither predicts. Their vCPU balancers are in ``rescoin.core.placement``. They set

@@ -1,4 +1,4 @@
-"""Offline analysis of history CSV files, ``rescoin analyze HISTORY...`` (DESIGN sections 5 and 10).
+"""Offline analysis of history CSV files, ``rescoin analyze HISTORY...``.
 
 The history reader is :mod:`rescoin.offline.historycsv` (one reader for
 analyze and fit); here are the metrics (``metrics``), the tables and the HTML

@@ -1,9 +1,9 @@
-"""The metrics of ``rescoin analyze``: honest history-based equivalents of DESIGN section 10.
+"""The metrics of ``rescoin analyze``: history-based equivalents of the simulator's (docs/architecture.md).
 
 History holds what a host showed, never true demand: ``usage`` is granted
 usage and ``signal`` is unmet-demand pressure (the share of demand not granted
-on the simulated host; steal, PSI or I/O wait on a real one). The metrics of
-DESIGN section 10 need demand, so this module reports history-based
+on the simulated host; steal, PSI or I/O wait on a real one). The simulator's metrics
+need demand, so this module reports history-based
 equivalents, per resource, and says which is which (see ``DEFINITIONS``).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fit predictor parameters to history: ``rescoin fit HISTORY... -o models/NAME.toml`` (DESIGN section 6).
+"""Fit predictor parameters to history: ``rescoin fit HISTORY... -o models/NAME.toml``.
 
 Each VM's recorded usage and unmet-demand signal are replayed through a real
 :class:`~rescoin.core.predict.PaddedEWMA`, one period at a time and vectorised over

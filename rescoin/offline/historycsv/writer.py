@@ -1,4 +1,4 @@
-"""Writing the history CSV: one tidy row per VM, resource and period (DESIGN section 5).
+"""Writing the history CSV: one tidy row per VM, resource and period (README, "History CSV").
 
 Columns: ts, host, vm_uuid, vm_name, resource, usage, forecast, allocation,
 entitlement, credit, signal. Each row describes one period: what the VM used,
