@@ -792,6 +792,34 @@ def test_init_script_start_status_stop(tmp_path, proc_root):
                     os.kill(int(path.read_text()), 9)
 
 
+def test_init_script_reports_a_slow_start_that_fails_as_failed(tmp_path):
+    """An agent that dies after a second (a slow guest) is a failed start, not "started"; a start that says
+    it serves is "started" at once, without waiting out the whole wait."""
+    init = AGENT.parent / "rescoin-agent.init"
+    slow = tmp_path / "rescoin_slow.py"  # the name must hold "rescoin": the script checks the pid's cmdline
+    slow.write_text("import sys, time\ntime.sleep(1.0)\nsys.stderr.write('rescoin-agent: cannot open x\\n')\n"
+                    "sys.exit(1)\n")
+    log = tmp_path / "agent.log"
+    log.write_text("rescoin-agent: serving on /dev/old-run\n")  # an earlier run's line does not count
+    env = dict(os.environ, RESCOIN_AGENT=str(slow), PYTHON=sys.executable, PIDFILE=str(tmp_path / "agent.pid"),
+               LOGFILE=str(log), DEFAULTS=str(tmp_path / "none"))
+    r = subprocess.run(["sh", str(init), "start"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "failed to start" in r.stderr, (r.stdout, r.stderr)
+    assert not (tmp_path / "agent.pid").exists()
+
+    fast = tmp_path / "rescoin_fast.py"
+    fast.write_text("import sys, time\nsys.stderr.write('rescoin-agent: serving on /dev/x\\n')\n"
+                    "sys.stderr.flush()\ntime.sleep(60)\n")
+    env.update(RESCOIN_AGENT=str(fast), RESCOIN_AGENT_START_WAIT="20")
+    t0 = time.monotonic()
+    r = subprocess.run(["sh", str(init), "start"], env=env, capture_output=True, text=True, timeout=30)
+    try:
+        assert r.returncode == 0 and "started (pid" in r.stdout and "has not said" not in r.stdout, r.stdout
+        assert time.monotonic() - t0 < 10
+    finally:
+        os.kill(int((tmp_path / "agent.pid").read_text()), 9)
+
+
 # ---------------------------------------------------------------------------
 # parse_reply and signals_from in detail
 
