@@ -72,3 +72,12 @@ def test_a_slow_start_that_fails_is_not_reported_as_started(tmp_path):
     assert "no such configuration file" in r.stderr
     assert "an older run" not in r.stderr
     assert not (tmp_path / "rescoin.pid").exists()
+
+
+def test_a_wait_that_is_not_a_number_is_one_line(tmp_path):
+    env = dict(os.environ, RESCOIN_PIDFILE=str(tmp_path / "rescoin.pid"), RESCOIN_LOG=str(tmp_path / "rescoin.log"),
+               RESCOIN_BIN=str(Path(sys.executable).parent / "rescoin"), RESCOIN_START_WAIT="2.5")
+    r = run(env, "start")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "RESCOIN_START_WAIT=2.5 is not a whole number of seconds"
+    assert not (tmp_path / "rescoin.pid").exists()
