@@ -124,6 +124,9 @@ class Observation:
     # (n,) the guest agent per VM: "ok", "no agent" or why its data was refused; None = no agents (simulated)
     health: list[str] | None = None
     call_errors: dict[str, int] = field(default_factory=dict)  # hypervisor calls that failed while observing
+    # (n,) MiB of each VM's memory resident on the host (QEMU RSS); None = not known
+    resident: np.ndarray | None = None
+    host_swap: float | None = None  # MiB of guest memory the host has swapped out now; None = not known
 
     @property
     def n(self) -> int:

@@ -17,17 +17,34 @@ of demand not granted, like PSI or steal): never the demand itself. Only
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 
 import numpy as np
 
 from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.model import Controls, Observation, Plan, VMSet
-from rescoin.core.resources import CPU, MEMORY, N_RES, HostCapacity
+from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES, HostCapacity, Resource
 from rescoin.core.sharing import water_fill, water_fill_columns
 from rescoin.hosts.base import ApplyResult, HostBase
+from rescoin.hosts.simmemory import MemoryModel
 
 NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
+DEFAULT_OVERCOMMIT = 1.5  # a resource a per-resource overcommit does not name keeps this factor
+
+
+def overcommit_factors(value: float | Mapping[str, float]) -> np.ndarray:
+    """``1.5`` or ``{"cpu": 4, "memory": 1.5}`` -> one factor per resource (unnamed ones: the default)."""
+    if isinstance(value, Mapping):
+        out = np.full(N_RES, DEFAULT_OVERCOMMIT)
+        for key, f in value.items():
+            out[Resource.parse(key)] = float(f)
+    else:
+        out = np.full(N_RES, float(value))
+    for r in RESOURCES:
+        if not (np.isfinite(out[r]) and out[r] > 0):
+            raise ValueError(f"overcommit of {r.label} must be a number > 0, got {out[r]}")
+    return out
 
 
 class SimHost(HostBase):
@@ -36,12 +53,15 @@ class SimHost(HostBase):
     def __init__(
         self,
         trace,
-        overcommit: float = 1.5,
+        overcommit: float | Mapping[str, float] = 1.5,
         presence: np.ndarray | None = None,
         name: str = "sim",
+        memory: MemoryModel | None = None,
+        exempt: bool = False,
     ) -> None:
-        if not overcommit > 0:
-            raise ValueError(f"overcommit must be > 0, got {overcommit}")
+        factors = overcommit_factors(overcommit)
+        self.memory = memory or MemoryModel()
+        self.exempt = exempt  # the oracle: no reclaim latency (SKELETON: used by the memory model)
         demand = np.asarray(trace.demand, dtype=float)
         if demand.ndim != 3 or demand.shape[2] != N_RES:
             raise ValueError(f"trace demand must be (periods, vms, {N_RES}), got {demand.shape}")
@@ -63,7 +83,7 @@ class SimHost(HostBase):
         cap = np.full(N_RES, np.nan)
         for r in range(N_RES):
             if not np.isnan(sizes[:, r]).all():
-                cap[r] = np.nansum(sizes[:, r]) / overcommit
+                cap[r] = np.nansum(sizes[:, r]) / factors[r]
         pcpus = max(1, int(round(cap[CPU])))
         cap[CPU] = float(pcpus)  # a host has whole cores
         self._capacity = HostCapacity(name=name, capacity=cap, pcpus=pcpus)

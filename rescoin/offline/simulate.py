@@ -1,8 +1,8 @@
 """Replay a trace through the production control loop, once per policy."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from rescoin.core.guard import Guard, GuardConfig
 from rescoin.core.history import History
@@ -10,6 +10,7 @@ from rescoin.core.loop import ControlLoop, Step
 from rescoin.core.predict import load_model
 from rescoin.core.registry import POLICIES, build, recipe
 from rescoin.hosts.sim import SimHost
+from rescoin.hosts.simmemory import MemoryModel
 from rescoin.offline.evaluate import Metrics
 
 DEFAULT_POLICIES = tuple(POLICIES)
@@ -17,10 +18,11 @@ DEFAULT_POLICIES = tuple(POLICIES)
 
 @dataclass(frozen=True)
 class SimSettings:
-    overcommit: float = 1.5
+    overcommit: float | Mapping[str, float] = 1.5  # one factor for all resources, or per resource
     window: int = 60
     guard: GuardConfig = GuardConfig()
     model: str | None = None  # predictor model file for the policies that use the default one
+    memory: MemoryModel = field(default_factory=MemoryModel)  # the simulator's memory rules, alike for all
 
 
 def parse_policies(text: str | Iterable[str] | None) -> list[str]:
@@ -36,8 +38,10 @@ def parse_policies(text: str | Iterable[str] | None) -> list[str]:
 
 
 def build_loop(trace, policy_name: str, settings: SimSettings, presence=None) -> ControlLoop:
-    host = SimHost(trace, overcommit=settings.overcommit, presence=presence)
     parts = build(policy_name)
+    # only the oracle is exempt from reclaim latency (it is the upper bound, bound by physics alone)
+    host = SimHost(trace, overcommit=settings.overcommit, presence=presence, memory=settings.memory,
+                   exempt=parts.policy.needs_truth)
     if settings.model and recipe(policy_name).default_model:
         parts = parts.with_predictor(load_model(settings.model))
     return ControlLoop(host, parts, guard=Guard(settings.guard),

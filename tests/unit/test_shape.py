@@ -33,7 +33,7 @@ FORBIDDEN: dict[str, tuple[set[str], set[str]]] = {
     "hosts": ({"ops", "offline", "cli", "lab"}, set()),
     # the daemon writes history, and replays a trace on a sim: URI; nothing else offline
     "ops": ({"offline", "cli", "lab"}, {"rescoin.offline.historycsv", "rescoin.offline.traces"}),
-    "offline": ({"hosts", "ops", "cli", "lab"}, {"rescoin.hosts.base", "rescoin.hosts.sim"}),
+    "offline": ({"hosts", "ops", "cli", "lab"}, {"rescoin.hosts.base", "rescoin.hosts.sim", "rescoin.hosts.simmemory"}),
 }
 #: the only modules that may import the CLI: the CLI itself and ``python -m rescoin``
 CLI_IMPORTERS = {"rescoin.__main__"}
