@@ -30,7 +30,8 @@ from rescoin.offline.evaluate import METRICS
 
 SHORT = {"satisfaction": "satisf", "violations": "viol", "worst_off": "worst", "fairness": "Jain",
          "breaches": "breach", "actuations_per_vm_hour": "act/VMh", "reclaimed": "reclaim",
-         "under_error": "under", "over_error": "over"}
+         "under_error": "under", "over_error": "over", "weighted_worst_off": "w.worst", "resident": "resid",
+         "padded_under_error": "p.under", "padded_over_error": "p.over"}
 #: what each metric column means (docs/architecture.md, "Metrics"), printed under the tables
 LEGEND = {
     "satisf": "granted / demand, both summed over VM-periods *",
@@ -41,8 +42,13 @@ LEGEND = {
     "act/VMh": "changes applied per VM-hour (shares, caps, balloon, blkio weight)",
     "pin/VMh": "vCPU pin changes per VM-hour",
     "reclaim": "share of provisioned memory returned to the host, mean over time",
-    "under": "forecast below demand: sum of (demand - forecast) / sum of demand *",
-    "over": "forecast above demand: sum of (forecast - demand) / sum of demand *",
+    "w.worst": "worst, against each VM's weighted fair share (weights differ)",
+    "resid": "memory resident on the host / provisioned memory, mean over time",
+    "under": "raw forecast below demand: sum of (demand - forecast) / sum of demand *",
+    "over": "raw forecast above demand: sum of (forecast - demand) / sum of demand *",
+    "p.under": "the same for the padded forecast the policy plans on *",
+    "p.over": "the same, above demand, for the padded forecast *",
+    "swap": "host swap: share of periods with guest memory swapped out, peak MiB",
 }
 LEGEND_NOTE = ("* demand-weighted: a VM counts by its demand; the others count",
                "VM-periods or VMs. Only VM-periods with demand > 0; - = none.")
@@ -152,11 +158,11 @@ def metric_tables(result: dict, width: int | None = None) -> list[RenderableType
     shown_all: list[str] = []
     policies = result["policies"]
     for r in RESOURCES:
-        shown = [m for m in METRICS if any(p[r.label][m] is not None for p in policies.values())]
+        shown = [m for m in METRICS if any(p[r.label].get(m) is not None for p in policies.values())]
         if not shown:
             continue
         cols = [Col("policy", "left")] + [Col(SHORT[m]) for m in shown]
-        rows = [[name] + [_fmt(res[r.label][m]) for m in shown] for name, res in policies.items()]
+        rows = [[name] + [_fmt(res[r.label].get(m)) for m in shown] for name, res in policies.items()]
         if r == CPU:  # pins are a CPU action: beside the other actuations
             at = next((i + 1 for i, c in enumerate(cols) if c.header == "act/VMh"), len(cols))
             cols.insert(at, Col("pin/VMh"))
@@ -164,9 +170,23 @@ def metric_tables(result: dict, width: int | None = None) -> list[RenderableType
                 row.insert(at, _fmt(res["pin_changes_per_vm_hour"]))
         out += fit_tables(f"{r.label} ({UNITS[r]})", cols, rows, width, **COMPACT)
         shown_all += [c.header for c in cols[1:] if c.header not in shown_all]
+        if r == MEMORY:
+            out += _swap_table(policies, width, shown_all)
     if out:
         out.append(legend([name for name in LEGEND if name in shown_all]))
     return out
+
+
+def _swap_table(policies: dict, width: int | None, shown_all: list[str]) -> list[RenderableType]:
+    """Host swap per policy, where the simulated host reports it."""
+    swaps = {name: res.get("host_swap") or {} for name, res in policies.items()}
+    if not any(v.get("share_of_periods") is not None for v in swaps.values()):
+        return []
+    shown_all.append("swap")
+    cols = [Col("policy", "left"), Col("swap"), Col("peak\nMiB"), Col("MiB-\nperiods")]
+    rows = [[name, _fmt(v.get("share_of_periods")), _fmt(v.get("peak_mib")), _fmt(v.get("mib_periods"))]
+            for name, v in swaps.items()]
+    return fit_tables("host swap", cols, rows, width, **COMPACT)
 
 
 class LiveView:

@@ -15,7 +15,8 @@ from rescoin.offline.traces import load_trace, sample_trace_path
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLANETLAB = DATA / "planetlab"
 METRICS = {"satisfaction", "violations", "worst_off", "fairness", "breaches", "actuations_per_vm_hour",
-           "reclaimed", "under_error", "over_error"}
+           "reclaimed", "under_error", "over_error", "weighted_worst_off", "resident", "padded_under_error",
+           "padded_over_error"}
 CSV_COLUMNS = ["ts", "host", "vm_uuid", "vm_name", "resource", "usage", "forecast", "allocation",
                "entitlement", "credit", "signal"]
 
@@ -64,7 +65,7 @@ def test_simulate_json_shape(simulate_json):
     assert isinstance(doc["trace"], str) and doc["trace"]
     assert set(doc["policies"]) == {"rescoin", "static"}
     for name, pol in doc["policies"].items():
-        assert set(pol) == {"cpu", "memory", "disk", "net", "pin_changes_per_vm_hour"}, name
+        assert set(pol) == {"cpu", "memory", "disk", "net", "pin_changes_per_vm_hour", "host_swap"}, name
         assert isinstance(pol["pin_changes_per_vm_hour"], (int, float))
         assert pol["pin_changes_per_vm_hour"] >= 0
         for r in ("cpu", "memory", "disk", "net"):
