@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 from rich.console import Console
@@ -15,7 +16,7 @@ from rescoin.offline.sweep import RunSpec, Slice, SweepError, rows, runner, writ
 LEGEND = {
     "density": "highest factor of the resource meeting the objective (median slice; - = not even at 1)",
     "min/max": "the worst and the best slice's density",
-    "vs oracle": "density / the oracle's density on the same slice, median over slices",
+    "vs oracle": "density / the oracle's density on the same slice (0: fails at 1), median slice",
     "reclaim": "share of provisioned memory returned to the host, at the density",
     "swap": "share of periods the host swapped, at the density",
     "bal/VMh": "balloon changes per VM-hour, at the density",
@@ -164,6 +165,8 @@ def cmd_density(args: argparse.Namespace) -> int:
     slices = _slices(args)
     held = _held(args)
     console = Console(stderr=True)
+    if not getattr(args, "verbose", False):  # the cluster's start and stop say nothing an evaluator needs
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     found, done = _search(args, policies, presets, slices, held, console)
     result = density_result(args, policies, presets, slices, held, found, done)

@@ -143,8 +143,9 @@ def summarise(found: Mapping[tuple[str, Hashable], Found], policies: Sequence[st
               oracle: str = "oracle") -> dict[str, dict]:
     """Per policy: density (median slice), ratio to the oracle's density, and the costs at the density.
 
-    ``ratio_to_oracle`` is taken per slice (the policy's density / the oracle's on that slice), then
-    the median over slices; the costs are medians over slices of each slice's run at its density.
+    ``ratio_to_oracle`` is taken per slice (the policy's density / the oracle's on that slice; 0 where
+    the policy fails at factor 1 and the oracle does not; None where the oracle has no density), then
+    the median slice as for the density; the costs are medians over slices of each slice's run at its density.
     With several slices each policy also gets "slices" (per-slice densities), "min" and "max".
     """
     out: dict[str, dict] = {}
@@ -154,9 +155,12 @@ def summarise(found: Mapping[tuple[str, Hashable], Found], policies: Sequence[st
         ratios = []
         for s, f in zip(slices, per, strict=True):
             o = found.get((oracle, s))
-            ratios.append(f.density / o.density if f.density is not None and o is not None and o.density else None)
+            if o is None or not o.density:
+                ratios.append(None)  # no oracle figure on this slice: no ratio
+            else:  # a policy that fails at factor 1 where the oracle does not gets 0
+                ratios.append((f.density or 0.0) / o.density)
         costs = [at_density(f.result) for f in per]
-        row: dict = {"density": median_low(dens), "ratio_to_oracle": _median(ratios)}
+        row: dict = {"density": median_low(dens), "ratio_to_oracle": median_low(ratios)}
         row.update({k: _median(c[k] for c in costs) for k in costs[0]})
         again = [f.holds_again_at for f in per]
         if len(slices) > 1:

@@ -86,7 +86,9 @@ def run_spec(spec: RunSpec) -> Outcome:
     from rescoin.offline.simulate import SimSettings, run_policy
 
     # the loop's warnings (memory floors held, ...) would repeat in every one of hundreds of runs
-    logging.getLogger("rescoin").setLevel(logging.ERROR)
+    log = logging.getLogger("rescoin")
+    level = log.level
+    log.setLevel(logging.ERROR)
     t0 = time.perf_counter()
     try:
         settings = SimSettings(overcommit=dict(spec.overcommit), model=spec.model,
@@ -95,6 +97,8 @@ def run_spec(spec: RunSpec) -> Outcome:
         return Outcome(spec, result, None, time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - any failure of one run is reported by name, not fatal
         return Outcome(spec, None, one_line(e), time.perf_counter() - t0)
+    finally:
+        log.setLevel(level)
 
 
 OnDone = Callable[[Outcome], None]
