@@ -152,7 +152,7 @@ def summarise(found: Mapping[tuple[str, Hashable], Found], policies: Sequence[st
     for p in policies:
         per = [found[(p, s)] for s in slices]
         dens = [f.density for f in per]
-        ratios = []
+        ratios: list[float | None] = []
         for s, f in zip(slices, per, strict=True):
             o = found.get((oracle, s))
             if o is None or not o.density:

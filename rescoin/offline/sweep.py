@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rescoin.errors import RescoinError
 
@@ -128,15 +129,15 @@ class DaskRunner:
     def __init__(self, address: str | None = None, workers: int | None = None) -> None:
         self.address = address
         self.workers = workers or os.cpu_count() or 1
-        self._cluster = None
-        self._client = None
+        self._cluster: Any = None  # distributed's classes, imported only when a sweep runs
+        self._client: Any = None
 
     def __enter__(self) -> DaskRunner:
         from distributed import Client, LocalCluster
 
         try:
             if self.address:
-                self._client = Client(self.address, timeout="10s")
+                self._client = Client(self.address, timeout="5s")
             else:
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                              dashboard_address=None, silence_logs=logging.ERROR)
