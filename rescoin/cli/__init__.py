@@ -375,12 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     from rescoin.cli.density import add_density_parser
     from rescoin.cli.fit import add_fit_parser
     from rescoin.cli.lab import add_lab_parser
+    from rescoin.cli.sweep import add_sweep_parser
 
     add_lab_parser(sub)
     add_agent_parser(sub)
     add_analyze_parser(sub)
     add_fit_parser(sub)
     add_density_parser(sub)
+    add_sweep_parser(sub)
     return p
 
 

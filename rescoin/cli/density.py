@@ -24,7 +24,7 @@ LEGEND = {
 }
 
 
-def _slices(args: argparse.Namespace) -> list[Slice]:
+def slices_of(args: argparse.Namespace) -> list[Slice]:
     if not args.slices:
         return [Slice(args.vm_offset, args.start_day, args.vms, args.days)]
     out = []
@@ -42,7 +42,7 @@ def _slices(args: argparse.Namespace) -> list[Slice]:
     return out
 
 
-def _held(args: argparse.Namespace) -> dict[str, float]:
+def held_of(args: argparse.Namespace) -> dict[str, float]:
     """Every resource's factor but the varied one's (which the search sets)."""
     from rescoin.cli.argtypes import OVERCOMMIT_KEYS
     from rescoin.hosts.sim import overcommit_factors
@@ -53,7 +53,7 @@ def _held(args: argparse.Namespace) -> dict[str, float]:
     return {k: float(factors[i]) for i, k in enumerate(OVERCOMMIT_KEYS) if k != args.resource}
 
 
-def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Policies (the oracle always among them: the ratios need it) and memory presets; the trace's path."""
     from rescoin.hosts.simmemory import PRESETS
     from rescoin.offline.simulate import parse_policies
@@ -161,9 +161,9 @@ def _tables(result: dict) -> list:
 
 
 def cmd_density(args: argparse.Namespace) -> int:
-    policies, presets = _check(args)
-    slices = _slices(args)
-    held = _held(args)
+    policies, presets = check(args)
+    slices = slices_of(args)
+    held = held_of(args)
     console = Console(stderr=True)
     if not getattr(args, "verbose", False):  # the cluster's start and stop say nothing an evaluator needs
         logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -200,10 +200,8 @@ failing grid factor ends the search); a higher grid factor where it holds again 
 dask.distributed: a LocalCluster (one worker per core) unless --scheduler names one."""
 
 
-def add_density_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``density`` to an argparse sub-parser set."""
-    p = subparsers.add_parser("density", help="each policy's highest overcommit at equal service (on Dask)",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_args(p: argparse.ArgumentParser) -> None:
+    """What density and sweep share: the trace, its slices, the resource varied and held, where to run."""
     p.add_argument("--trace", required=True, help="trace directory (Bitbrains, PlanetLab or Azure v1 format)")
     p.add_argument("--resource", choices=("memory", "cpu"), required=True, help="the resource whose factor varies")
     p.add_argument("--hold", type=overcommit, default=1.5, metavar="F|cpu=F,...",
@@ -223,6 +221,13 @@ def add_density_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: a new LocalCluster)")
     p.add_argument("--workers", type=number(int, 0, strict=True), default=None,
                    help="LocalCluster worker processes (default: one per core)")
+
+
+def add_density_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``density`` to an argparse sub-parser set."""
+    p = subparsers.add_parser("density", help="each policy's highest overcommit at equal service (on Dask)",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(p)
     p.add_argument("--out", default=None, metavar="FILE.json|FILE.csv", help="write every replay's metrics here")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_density)

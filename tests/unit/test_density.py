@@ -246,3 +246,27 @@ def test_rows_are_flat_and_nan_free(tmp_path):
     row = json.loads(path.read_text())[0]
     assert row["policy"] == "static" and row["factor"] == 2.0 and row["ok"] is True
     assert row["cpu.fairness"] is None and row["memory.violations"] == 0.0
+
+
+# -- rescoin sweep ----------------------------------------------------------------------------------------
+def test_sweep_writes_one_row_per_replay(fake_replays, capsys, tmp_path):
+    path = tmp_path / "sweep.json"
+    code, out, err = run_cli(["sweep", "--trace", str(PLANETLAB), "--resource", "memory", "--scheduler", "none",
+                              "--policies", "static,mom", "--slices", "0:0,100:0", "--factors", "1,2.5",
+                              "--memory-model", "off,fast", "--out", str(path)], capsys)
+    assert code == 0 and str(path) in out
+    table = json.loads(path.read_text())
+    assert len(table) == 3 * 2 * 2 * 2  # (static, mom, oracle) x slices x factors x presets
+    assert {(r["memory_model"], r["factor"]) for r in table} == {(m, f) for m in ("off", "fast") for f in (1.0, 2.5)}
+    by = {(r["policy"], r["vm_offset"], r["factor"], r["memory_model"]): r for r in table}
+    assert by[("static", 0, 1.0, "off")]["ok"] is True and by[("static", 0, 2.5, "off")]["ok"] is False
+    assert by[("mom", 100, 1.0, "off")]["error"] and "failed: mom on slice 100:0" in err
+
+
+@pytest.mark.parametrize("extra, said", [(["--factors", "1,x", "--out", "a.json"], "--factors"),
+                                         (["--factors", "0", "--out", "a.json"], "--factors"),
+                                         (["--factors", "2", "--out", "a.txt"], ".json or a .csv")])
+def test_sweep_bad_arguments_are_one_line(extra, said, fake_replays, capsys):
+    code, _, err = run_cli(["sweep", "--trace", str(PLANETLAB), "--resource", "cpu", "--scheduler", "none"] + extra,
+                           capsys)
+    assert code == 2 and said in error_line(err)
