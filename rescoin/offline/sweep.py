@@ -69,7 +69,7 @@ class Outcome:
     seconds: float
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)  # > the slices of a sweep: a bisection round visits every slice in turn
 def _trace(path: str, sl: Slice):
     from rescoin.offline.traces import load_trace
 

@@ -51,11 +51,21 @@ def test_overcommit_bad_text_says_what(text, said):
 
 
 @pytest.mark.parametrize("command", [["simulate", "--trace", str(PLANETLAB)],
+                                     ["run", "--uri", f"sim:{PLANETLAB}", "--speed", "0", "--max-periods", "1"],
+                                     ["demo", "--trace", str(PLANETLAB), "--seconds", "0.1"],
                                      ["density", "--trace", str(PLANETLAB), "--resource", "cpu", "--hold"]])
-def test_bad_per_resource_overcommit_is_one_argparse_line(command, capsys):
+def test_bad_per_resource_overcommit_is_one_argparse_line(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # demo would write its history here
     argv = command + (["gpu=2"] if command[-1] == "--hold" else ["--overcommit", "gpu=2"])
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "gpu" in error_line(err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_on_a_sim_uri_takes_a_per_resource_overcommit(capsys):
+    code, _, _ = run_cli(["run", "--uri", f"sim:{PLANETLAB}", "--speed", "0", "--max-periods", "1",
+                          "--overcommit", "cpu=4,memory=1.5"], capsys)
+    assert code == 0
 
 
 def test_simulate_json_carries_the_per_resource_overcommit(capsys):
