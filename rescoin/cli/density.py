@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import textwrap
 import time
 
 from rich.console import Console
@@ -188,7 +189,7 @@ def cmd_density(args: argparse.Namespace) -> int:
     return 0
 
 
-DESCRIPTION = f"""\
+DESCRIPTION = textwrap.fill(f"""\
 For each policy, the highest overcommit factor of --resource (the others held) at which the
 service objective holds: memory violations <= {dens.MEMORY_VIOLATIONS:g} of VM-periods, CPU violations
 <= {dens.CPU_VIOLATIONS:g} and CPU worst-off >= {dens.CPU_WORST_OFF:g}, zero sharing-incentive breaches on every
@@ -197,7 +198,7 @@ last passing and the first failing grid factor. Monotonicity is not guaranteed: 
 highest factor f at which the objective holds at f and at every grid factor below f (the first
 failing grid factor ends the search); a higher grid factor where it holds again is reported as
 "holds_again_at", not as the density. Null where factor 1 already fails. The runs go through
-dask.distributed: a LocalCluster (one worker per core) unless --scheduler names one."""
+dask.distributed: a LocalCluster (one worker per core) unless --scheduler names one.""", 79)
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
