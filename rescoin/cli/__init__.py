@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from rescoin import __version__
-from rescoin.cli.argtypes import number
+from rescoin.cli.argtypes import number, overcommit, overcommit_text
 from rescoin.errors import RescoinError, UserError
 
 log = logging.getLogger("rescoin")
@@ -43,6 +43,8 @@ def _positive(kind):
 
 
 _nonneg = number(float, 0)
+OVERCOMMIT_HELP = ("sum of VM sizes / host capacity: one factor for all resources, or per resource "
+                   "(cpu, memory, disk, net; the others keep 1.5), e.g. cpu=4,memory=1.5 (default 1.5)")
 
 
 def _trace_args(p: argparse.ArgumentParser, default_vms: int | None = None) -> None:
@@ -50,8 +52,8 @@ def _trace_args(p: argparse.ArgumentParser, default_vms: int | None = None) -> N
     p.add_argument("--vm-offset", type=int, default=0, help="skip this many VMs first (held-out slices)")
     p.add_argument("--days", type=_positive(float), default=None, help="replay this many days (default: all)")
     p.add_argument("--start-day", type=_nonneg, default=0.0, help="start this many days into the trace")
-    p.add_argument("--overcommit", type=_positive(float), default=1.5,
-                   help="sum of VM sizes / host capacity (default 1.5)")
+    p.add_argument("--overcommit", type=overcommit, default=1.5, metavar="F|cpu=F,memory=F",
+                   help=OVERCOMMIT_HELP)
 
 
 # -- simulate ---------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         console.print(f"[bold]{result['trace']}[/]: {result['vms']} VMs x {result['periods']} periods, "
-                      f"overcommit {args.overcommit}, {elapsed:.1f} s")
+                      f"overcommit {overcommit_text(args.overcommit)}, {elapsed:.1f} s")
         for table in metric_tables(result):
             console.print(table)
     return 0
@@ -240,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     path = args.trace or str(_sample())
     trace = _load(path, args.vms, args.days, 0.0, 0, console)
-    console.print(f"[bold]rescoin demo[/]: {trace.name}, overcommit {args.overcommit}. "
+    console.print(f"[bold]rescoin demo[/]: {trace.name}, overcommit {overcommit_text(args.overcommit)}. "
                   "Data: Bitbrains GWA-T-12 (Shen, van Beek, Iosup, CCGrid 2015; gwa.ewi.tudelft.nl).")
     host = SimHost(trace, overcommit=args.overcommit)
     loop = ControlLoop(host, build("rescoin"), period=float(trace.period))
@@ -351,7 +353,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--trace", default=None, help="trace directory (default: the shipped 24-VM, 7-day sample)")
     d.add_argument("--vms", type=_positive(int), default=None)
     d.add_argument("--days", type=_positive(float), default=None)
-    d.add_argument("--overcommit", type=_positive(float), default=1.5)
+    d.add_argument("--overcommit", type=overcommit, default=1.5, metavar="F|cpu=F,memory=F", help=OVERCOMMIT_HELP)
     d.add_argument("--seconds", type=_positive(float), default=20.0, help="wall time for the live replay")
     d.add_argument("--history", default=None, metavar="DIR",
                    help="a new directory for the history CSV (default: a new ./rescoin-history-DATE-TIME)")
@@ -370,13 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from rescoin.cli.agent import add_agent_parser
     from rescoin.cli.analyze import add_analyze_parser
+    from rescoin.cli.density import add_density_parser
     from rescoin.cli.fit import add_fit_parser
     from rescoin.cli.lab import add_lab_parser
+    from rescoin.cli.sweep import add_sweep_parser
 
     add_lab_parser(sub)
     add_agent_parser(sub)
     add_analyze_parser(sub)
     add_fit_parser(sub)
+    add_density_parser(sub)
+    add_sweep_parser(sub)
     return p
 
 
