@@ -177,7 +177,7 @@ def metric_tables(result: dict, width: int | None = None) -> list[RenderableType
     return out
 
 
-def _swap_table(policies: dict, width: int | None, shown_all: list[str]) -> list[RenderableType]:
+def _swap_table(policies: dict, width: int | None, shown_all: list[str]) -> list[Table]:
     """Host swap per policy, where the simulated host reports it."""
     swaps = {name: res.get("host_swap") or {} for name, res in policies.items()}
     if not any(v.get("share_of_periods") is not None for v in swaps.values()):
