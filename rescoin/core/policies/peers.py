@@ -1,11 +1,12 @@
-"""The peers rescoin is measured against: static, DRF, oVirt MoM and the oracle.
+"""The peers rescoin is measured against: none, static, DRF, oVirt MoM and the oracle.
 
-Each is a faithful, bug-fixed model of what it stands for, run through the
-same guard and host as rescoin.
+Each is a faithful, bug-fixed model of what it stands for, run on the same
+host as rescoin but with only the host's physical limits (the guard's
+``"physical"`` profile; ``"<peer>+guard"`` runs one with rescoin's guard).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,18 +14,51 @@ from rescoin.core.arrays import fillnan
 from rescoin.core.model import Allocation
 from rescoin.core.policies.base import PolicyInput, finish, managed, share_leftover
 from rescoin.core.resources import CPU, MEMORY, N_RES
-from rescoin.core.sharing import water_fill_columns
+
+
+@dataclass
+class NonePolicy:
+    """A host without any manager: nothing is set (libvirt defaults stay: shares 1024,
+    balloon at maximum, blkio 500, no caps, no pins)."""
+
+    name: str = "none"
+    needs_truth: bool = False
+
+    def allocate(self, inp: PolicyInput) -> Allocation:
+        return Allocation(amount=np.full((inp.n, N_RES), np.nan), caps=np.zeros(N_RES, dtype=bool))
 
 
 @dataclass
 class StaticPolicy:
-    """A host without rescoin: every VM gets its entitlement, never changed."""
+    """Fixed CPU shares and balloon targets: each VM's entitlement at first sight, never changed.
+
+    What an operator writes once into each domain's XML. A VM seen for the
+    first time (``age`` 0: also one that left and came back) is given its
+    entitlement, but no more than the host memory the fixed targets of the
+    others leave, so no target ever has to move. Disk and net stay at the
+    hypervisor defaults.
+    """
 
     name: str = "static"
     needs_truth: bool = False
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)  # uuid -> (cpu, memory) fixed at first sight
 
     def allocate(self, inp: PolicyInput) -> Allocation:
-        return finish(fillnan(inp.entitlement, 0.0), inp.capacity)
+        uuids = inp.obs.vms.uuids.tolist()
+        ent = fillnan(inp.entitlement, 0.0)
+        new = np.array([inp.obs.age[i] == 0 or u not in self.fixed for i, u in enumerate(uuids)], dtype=bool)
+        old = np.array([self.fixed[u] if not new[i] else (0.0, 0.0) for i, u in enumerate(uuids)]).reshape(-1, 2)
+        mem = ent[:, MEMORY].copy()
+        if new.any() and np.isfinite(inp.capacity[MEMORY]):
+            left = inp.capacity[MEMORY] - old[~new, 1].sum()
+            want = mem[new]
+            mem[new] = np.clip(left - (np.cumsum(want) - want), 0.0, want)  # newcomers in order, while it fits
+        for i in np.flatnonzero(new):
+            self.fixed[uuids[i]] = np.array([ent[i, CPU], mem[i]])
+        values = np.array([self.fixed[u] for u in uuids]).reshape(-1, 2)
+        alloc = np.full((inp.n, N_RES), np.nan)
+        alloc[:, CPU], alloc[:, MEMORY] = values[:, 0], values[:, 1]
+        return finish(alloc, inp.capacity)
 
 
 def drf_fill(demand: np.ndarray, weight: np.ndarray, capacity: np.ndarray) -> np.ndarray:
@@ -118,12 +152,44 @@ class MomPolicy:
         return Allocation(amount=alloc, caps=np.zeros(N_RES, dtype=bool))
 
 
+def max_min_ratio(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray, iters: int = 60) -> np.ndarray:
+    """Per column: g_i = max(floor_i, min(1, lam) * d_i), the largest lam whose sum fits capacity.
+
+    Max-min on the satisfaction ratio g/d with floors: every VM keeps its
+    floor (floors must fit), and the rest raises the lowest ratio first,
+    capped at demand. Bisection on lam, vectorised over VMs and columns.
+    """
+    d = np.maximum(demand, 0.0)
+    f = np.minimum(np.maximum(floor, 0.0), d)
+    cap = np.maximum(capacity, f.sum(axis=0))
+    lo, hi = np.zeros(d.shape[1]), np.ones(d.shape[1])
+    fits_all = d.sum(axis=0) <= cap
+    for _ in range(iters):
+        mid = (lo + hi) / 2.0
+        ok = np.maximum(f, mid * d).sum(axis=0) <= cap
+        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+    lam = np.where(fits_all, 1.0, lo)
+    g = np.maximum(f, lam * d)
+    # hand out what bisection left (a sliver) to the VMs still below demand, by demand
+    left = np.maximum(capacity - g.sum(axis=0), 0.0) * ~fits_all
+    short = np.maximum(d - g, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(short.sum(axis=0) > 0, np.minimum(1.0, left / short.sum(axis=0)), 0.0)
+    result: np.ndarray = g + short * scale
+    return result
+
+
 @dataclass
 class OraclePolicy:
-    """Knows this period's true demand; weighted max-min by entitlement.
+    """Knows the true demand of the period its allocation applies to; the upper bound.
 
-    The upper limit: nothing can grant more with the same capacity. What no
-    VM demands is shared by entitlement so targets set ahead never bind.
+    Per resource, what the metrics score: every VM first gets min(demand,
+    entitlement) (no sharing-incentive breach), then the rest of capacity
+    raises the lowest ratio granted/demand first, capped at demand; what no
+    VM demands is shared by entitlement up to each VM's size (so memory
+    targets never bind, and sum to at most host memory). It runs with the
+    physical guard and no reclaim latency; CPU shares are proportional to
+    its allocation, which a weighted max-min host grants exactly.
     """
 
     name: str = "oracle"
@@ -135,6 +201,7 @@ class OraclePolicy:
             raise ValueError("the oracle policy needs a simulated host (it reads true demand)")
         cap = fillnan(inp.capacity, 0.0)
         tc = fillnan(inp.entitlement, 0.0)
-        demand = np.maximum(fillnan(truth, 0.0), 0.0)
-        fair = water_fill_columns(demand, tc, cap)
+        limit = fillnan(inp.obs.vms.sizes, np.inf)
+        demand = np.minimum(np.maximum(fillnan(truth, 0.0), 0.0), limit)
+        fair = max_min_ratio(demand, np.minimum(demand, tc), cap)
         return finish(share_leftover(fair, cap, tc, inp.obs.vms.sizes), inp.capacity)
