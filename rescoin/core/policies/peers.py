@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rescoin.core.arrays import fillnan
+from rescoin.core.guard import GuardConfig
 from rescoin.core.model import Allocation
 from rescoin.core.policies.base import PolicyInput, finish, managed, share_leftover
 from rescoin.core.resources import CPU, MEMORY, N_RES
@@ -35,8 +36,9 @@ class StaticPolicy:
     What an operator writes once into each domain's XML. A VM seen for the
     first time (``age`` 0: also one that left and came back) is given its
     entitlement, but no more than the host memory the fixed targets of the
-    others leave, so no target ever has to move. Disk and net stay at the
-    hypervisor defaults.
+    others leave, so no target has to move (unless what is left is below the
+    host's absolute floor: then the guard scales every target into host
+    memory). Disk and net stay at the hypervisor defaults.
     """
 
     name: str = "static"
@@ -152,25 +154,29 @@ class MomPolicy:
         return Allocation(amount=alloc, caps=np.zeros(N_RES, dtype=bool))
 
 
-def max_min_ratio(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray, iters: int = 60) -> np.ndarray:
-    """Per column: g_i = max(floor_i, min(1, lam) * d_i), the largest lam whose sum fits capacity.
+def max_min_ratio(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray, got: np.ndarray | None = None,
+                  wanted: np.ndarray | None = None, iters: int = 60) -> np.ndarray:
+    """Per column: raise the lowest satisfaction ratio first, with floors, capped at demand.
 
-    Max-min on the satisfaction ratio g/d with floors: every VM keeps its
-    floor (floors must fit), and the rest raises the lowest ratio first,
-    capped at demand. Bisection on lam, vectorised over VMs and columns.
+    g_i = clip(mu * (wanted_i + d_i) - got_i, floor_i, d_i) for the largest mu
+    whose sum fits capacity: with ``got``/``wanted`` (what each VM was granted
+    and demanded so far) the ratio raised is the cumulative one the metrics
+    score per VM; without them, this period's g/d. Floors must fit capacity.
+    Bisection on mu, vectorised over VMs and columns.
     """
     d = np.maximum(demand, 0.0)
     f = np.minimum(np.maximum(floor, 0.0), d)
+    g0 = np.zeros_like(d) if got is None else got
+    w = d + (0.0 if wanted is None else wanted)
     cap = np.maximum(capacity, f.sum(axis=0))
-    lo, hi = np.zeros(d.shape[1]), np.ones(d.shape[1])
     fits_all = d.sum(axis=0) <= cap
+    lo, hi = np.zeros(d.shape[1]), np.ones(d.shape[1])
     for _ in range(iters):
         mid = (lo + hi) / 2.0
-        ok = np.maximum(f, mid * d).sum(axis=0) <= cap
+        ok = np.clip(mid * w - g0, f, d).sum(axis=0) <= cap
         lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
-    lam = np.where(fits_all, 1.0, lo)
-    g = np.maximum(f, lam * d)
-    # hand out what bisection left (a sliver) to the VMs still below demand, by demand
+    g = np.where(fits_all, d, np.clip(lo * w - g0, f, d))
+    # hand out what bisection left (a sliver) to the VMs still below demand, by shortfall
     left = np.maximum(capacity - g.sum(axis=0), 0.0) * ~fits_all
     short = np.maximum(d - g, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -185,7 +191,8 @@ class OraclePolicy:
 
     Per resource, what the metrics score: every VM first gets min(demand,
     entitlement) (no sharing-incentive breach), then the rest of capacity
-    raises the lowest ratio granted/demand first, capped at demand; what no
+    raises the lowest ratio granted/demand first (each VM's ratio over the
+    run so far, as worst-off scores it), capped at demand; what no
     VM demands is shared by entitlement up to each VM's size (so memory
     targets never bind, and sum to at most host memory). It runs with the
     physical guard and no reclaim latency; CPU shares are proportional to
@@ -194,6 +201,21 @@ class OraclePolicy:
 
     name: str = "oracle"
     needs_truth: bool = True
+    mem_floor_mib: float = GuardConfig.mem_floor_mib  # the guard's absolute floor of any balloon target
+    _totals: dict[str, np.ndarray] = field(default_factory=dict)  # uuid -> (granted, demanded) so far
+
+    def _so_far(self, inp: PolicyInput) -> tuple[np.ndarray, np.ndarray]:
+        """Add this period's grants and true demand to each VM's totals; return (granted, demanded)."""
+        obs = inp.obs
+        uuids = obs.vms.uuids.tolist()
+        d = np.maximum(fillnan(obs.truth, 0.0), 0.0) if obs.truth is not None else np.zeros((obs.n, N_RES))
+        g = np.minimum(fillnan(obs.usage, 0.0), d)
+        for i, u in enumerate(uuids):
+            if obs.age[i] == 0 or u not in self._totals:  # a VM that comes back is new
+                self._totals[u] = np.zeros((2, N_RES))
+            self._totals[u] += (g[i], d[i])
+        both = np.array([self._totals[u] for u in uuids]).reshape(obs.n, 2, N_RES)
+        return both[:, 0], both[:, 1]
 
     def allocate(self, inp: PolicyInput) -> Allocation:
         truth = inp.obs.truth_next if inp.obs.truth_next is not None else inp.obs.truth
@@ -203,5 +225,12 @@ class OraclePolicy:
         tc = fillnan(inp.entitlement, 0.0)
         limit = fillnan(inp.obs.vms.sizes, np.inf)
         demand = np.minimum(np.maximum(fillnan(truth, 0.0), 0.0), limit)
-        fair = max_min_ratio(demand, np.minimum(demand, tc), cap)
+        floor = np.minimum(demand, tc)
+        # a balloon target never goes below the host's floor: plan memory with it, not be cut by it
+        low = np.minimum(np.maximum(self.mem_floor_mib, fillnan(inp.obs.vms.min_memory, 0.0)),
+                         limit[:, MEMORY])
+        floor[:, MEMORY] = np.maximum(floor[:, MEMORY], low)
+        demand[:, MEMORY] = np.maximum(demand[:, MEMORY], low)
+        got, wanted = self._so_far(inp)
+        fair = max_min_ratio(demand, floor, cap, got, wanted)
         return finish(share_leftover(fair, cap, tc, inp.obs.vms.sizes), inp.capacity)
