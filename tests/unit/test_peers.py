@@ -89,3 +89,17 @@ def test_static_targets_are_first_sight_entitlements(kit):
     first = next(loop.steps())
     np.testing.assert_allclose(first.plan.controls.balloon, first.entitlement[:, MEMORY])
     np.testing.assert_allclose(first.plan.controls.shares, np.round(first.entitlement[:, CPU] * 1024))
+
+
+@pytest.mark.parametrize("peer", ["mom", "vm-balancer", "kvmscheduling"])
+def test_reactive_peers_leave_a_guest_without_memory_stats_alone(kit, peer):
+    """They read used memory from the guest: unknown, they do not balloon it (not as if it used none)."""
+    trace = busy_trace(kit)
+    trace.demand[:, 2, MEMORY] = NAN
+    # (at 1:1 the targets fit the host: the physical guard scales none of them into it)
+    loop = build_loop(trace, peer, SimSettings(overcommit=1.0))
+    moved = 0
+    for s in loop.steps():
+        assert not s.plan.changed["balloon"][2]
+        moved += int(s.plan.changed["balloon"].sum())
+    assert moved > 0  # the others are ballooned

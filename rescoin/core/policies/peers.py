@@ -150,7 +150,9 @@ class MomPolicy:
             else:
                 target = np.minimum(size, cur * (1.0 + self.max_change))
             small = np.abs(target - cur) < self.min_change * cur
-            alloc[:, MEMORY] = np.where(small, cur, target)
+            # MoM balloons only guests whose memory stats it reads (rescoin's guard used to hide this)
+            blind = np.isnan(inp.obs.usage[:, MEMORY]) | np.isnan(inp.obs.controls.balloon)
+            alloc[:, MEMORY] = np.where(blind, np.nan, np.where(small, cur, target))
         return Allocation(amount=alloc, caps=np.zeros(N_RES, dtype=bool))
 
 
@@ -161,14 +163,16 @@ def max_min_ratio(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray, g
     g_i = clip(mu * (wanted_i + d_i) - got_i, floor_i, d_i) for the largest mu
     whose sum fits capacity: with ``got``/``wanted`` (what each VM was granted
     and demanded so far) the ratio raised is the cumulative one the metrics
-    score per VM; without them, this period's g/d. Floors must fit capacity.
+    score per VM; without them, this period's g/d. Floors above capacity are scaled into it.
     Bisection on mu, vectorised over VMs and columns.
     """
     d = np.maximum(demand, 0.0)
     f = np.minimum(np.maximum(floor, 0.0), d)
     g0 = np.zeros_like(d) if got is None else got
     w = d + (0.0 if wanted is None else wanted)
-    cap = np.maximum(capacity, f.sum(axis=0))
+    cap = np.asarray(capacity, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):  # floors above capacity: scaled into it
+        f = f * np.where(f.sum(axis=0) > cap, cap / f.sum(axis=0), 1.0)
     fits_all = d.sum(axis=0) <= cap
     lo, hi = np.zeros(d.shape[1]), np.ones(d.shape[1])
     for _ in range(iters):
