@@ -103,3 +103,22 @@ def test_reactive_peers_leave_a_guest_without_memory_stats_alone(kit, peer):
         assert not s.plan.changed["balloon"][2]
         moved += int(s.plan.changed["balloon"].sum())
     assert moved > 0  # the others are ballooned
+
+
+@pytest.mark.parametrize(("uri", "profile"), [("sim:", "physical"), ("qemu:///system", "rescoin")])
+def test_daemon_guard_is_rescoins_on_a_real_host(tmp_path, monkeypatch, uri, profile):
+    """Safety first on a real host: a peer runs there as its "+guard" variant; a replay as simulate runs it."""
+    from rescoin.hosts.sim import SimHost
+    from rescoin.offline.traces import load_trace, sample_trace_path
+    from rescoin.ops import daemon as daemon_mod
+    from rescoin.ops.config import parse
+
+    host = SimHost(load_trace(sample_trace_path(), vms=3, days=0.1))
+    monkeypatch.setattr(daemon_mod, "build_host", lambda cfg, sim=None, setup=None: host)
+    text = (f'[daemon]\nuri = "{uri}"\npolicy = "mom"\nperiod = 1\nstate_file = ""\nhistory_dir = ""\n'
+            'status_socket = ""\n[metrics]\nenabled = false\n')
+    d = daemon_mod.Daemon(parse(text))
+    try:
+        assert d.loop.guard.profile == profile
+    finally:
+        d._close_paths()
