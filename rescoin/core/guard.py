@@ -12,6 +12,15 @@ guest agent's claim) protect what the VM has but never raise its floor, and
 never earn the fast growth of a starving guest. A per-VM memory limit caps
 what a policy proposes; the floors, the first-sight rule and the step limit
 still apply, and where the floor is above the limit the floor wins.
+
+Two profiles, one class. ``"rescoin"`` is all of the above: rescoin's own
+protections. ``"physical"`` is only what a host enforces by itself, so the
+peers are measured as their real counterparts behave: balloon targets within
+[max(absolute floor, configured minimum), the VM's maximum], their sum within
+host memory (what exceeds is scaled down above the floors), shares within the
+kernel's 2..262144 and blkio within 10..1000; no entitlement floors, no step
+limits, no dead-bands (a value changes when it differs: a balloon by more
+than half a MiB, a weight or cap at all after rounding).
 """
 from __future__ import annotations
 
@@ -78,8 +87,14 @@ def _relative_change(new: np.ndarray, cur: np.ndarray, band: float) -> np.ndarra
     return result
 
 
+PROFILES = ("rescoin", "physical")
+
+
 class Guard:
-    def __init__(self, config: GuardConfig | None = None) -> None:
+    def __init__(self, config: GuardConfig | None = None, profile: str = "rescoin") -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown guard profile {profile!r}; choose from {', '.join(PROFILES)}")
+        self.profile = profile
         self.config = config or GuardConfig()
         self.config.check()
         self.warnings: list[str] = []
@@ -219,11 +234,14 @@ class Guard:
         cur = obs.controls
         new = cur.copy()
         changed: dict[str, np.ndarray] = {}
+        physical = self.profile == "physical"
+        # the physical profile has no entitlement floors and no dead-band on weights and caps
+        ent, band = (None, 0.0) if physical else (entitlement, self.config.weight_deadband)
         for kind in kinds.KINDS:
             if kind.deadband == "relative":
-                target, source = _TARGETS[kind.name](self.config, alloc, obs, entitlement)
+                target, source = _TARGETS[kind.name](self.config, alloc, obs, ent)
                 proposed = np.where(np.isnan(source), getattr(cur, kind.field), target)
-                changed[kind.name] = _relative_change(proposed, getattr(cur, kind.field), self.config.weight_deadband)
+                changed[kind.name] = _relative_change(proposed, getattr(cur, kind.field), band)
                 setattr(new, kind.field, np.where(changed[kind.name], proposed, getattr(cur, kind.field)))
             elif kind.name == "balloon":
                 changed[kind.name] = self._plan_balloon(new, alloc, obs, float(capacity[MEMORY]), entitlement)
@@ -238,11 +256,34 @@ class Guard:
         if np.isnan(mem).all():
             return np.zeros(obs.n, dtype=bool)
         cur = obs.controls.balloon
-        entitled = np.zeros(obs.n) if entitlement is None else fillnan(entitlement[:, MEMORY], 0.0)
-        target = self._balloon(mem, obs, capacity, entitled)
+        if self.profile == "physical":
+            target = physical_balloon(mem, obs, capacity, self.config.mem_floor_mib, self._memory_max(obs))
+        else:
+            entitled = np.zeros(obs.n) if entitlement is None else fillnan(entitlement[:, MEMORY], 0.0)
+            target = self._balloon(mem, obs, capacity, entitled)
         moved: np.ndarray = np.abs(target - np.where(np.isnan(cur), np.inf, cur)) > 0.5
         new.balloon = np.where(moved, target, cur)
         return moved
+
+
+def physical_balloon(want: np.ndarray, obs: Observation, capacity: float, floor_mib: float,
+                     size: np.ndarray) -> np.ndarray:
+    """Balloon targets as a host alone bounds them: [floor, maximum], summing to at most host memory.
+
+    The floor is the absolute one or the VM's configured minimum (never above
+    its maximum). Where the targets exceed host memory, the part above each
+    floor is scaled down by one factor; floors alone above host memory stay.
+    """
+    limit = fillnan(obs.vms.sizes[:, MEMORY], np.inf)
+    cur = np.where(np.isnan(obs.controls.balloon), size, obs.controls.balloon)
+    floor = np.minimum(np.maximum(floor_mib, fillnan(obs.vms.min_memory, 0.0)), size)
+    target = np.clip(np.minimum(np.where(np.isnan(want), cur, want), limit), floor, size)
+    if np.isfinite(capacity) and target.sum() > capacity:
+        above = target - floor
+        room = max(capacity - floor.sum(), 0.0)
+        target = floor + above * min(1.0, room / max(above.sum(), 1e-12))
+    result: np.ndarray = target
+    return result
 
 
 def _plan_pins(new: Controls, alloc: Allocation) -> np.ndarray:
@@ -301,4 +342,4 @@ def _netcap(c: GuardConfig, alloc: Allocation, obs: Observation, ent: np.ndarray
 _TARGETS: dict[str, Target] = {"shares": _shares, "quota": _quota, "blkio": _blkio, "diskcap": _diskcap,
                                "netcap": _netcap}
 
-__all__ = ["Guard", "GuardConfig", "Controls"]
+__all__ = ["PROFILES", "Guard", "GuardConfig", "Controls", "physical_balloon"]

@@ -2,6 +2,12 @@
 
 The loop takes the objects ``build`` returns; nothing downstream chooses a
 component by name. Adding a policy is one row of ``RECIPES``.
+
+Each recipe names its guard profile: rescoin runs with rescoin's guard, the
+peers with only the host's physical limits (``rescoin.core.guard``). The
+variant ``"<peer>+guard"`` (e.g. ``"mom+guard"``) is a peer run with rescoin's
+guard, to show what a peer gains from it; it resolves for every peer but is
+not in the default order.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from rescoin.core.placement import BalancePlacement, KvmSchedulingPlacement, Placement, VmBalancerPlacement
 from rescoin.core.policies import Policy
-from rescoin.core.policies.peers import DRFPolicy, MomPolicy, OraclePolicy, StaticPolicy
+from rescoin.core.policies.peers import DRFPolicy, MomPolicy, NonePolicy, OraclePolicy, StaticPolicy
 from rescoin.core.policies.rescoin import RescoinPaperPolicy, RescoinPolicy
 from rescoin.core.policies.seeds import KvmSchedulingPolicy, VmBalancerPolicy
 from rescoin.core.predict import LastValue, Predictor, default_predictor, ewma
@@ -27,6 +33,7 @@ class Recipe:
     policy: Callable[[], Policy]
     predictor: Callable[[], Predictor | None]
     placement: Callable[[], Placement | None] = _none
+    guard: str = "physical"  # the guard profile: "physical" for peers, "rescoin" for rescoin
 
     @property
     def default_model(self) -> bool:
@@ -41,29 +48,34 @@ class Components:
     policy: Policy
     predictor: Predictor | None
     placement: Placement | None
+    guard: str = "rescoin"  # the guard profile the loop runs this policy with
 
     def with_predictor(self, predictor: Predictor | None) -> Components:
         return replace(self, predictor=predictor)
 
 
 RECIPES: dict[str, Recipe] = {
-    "rescoin": Recipe(RescoinPolicy, default_predictor, BalancePlacement),
-    "rescoin-paper": Recipe(RescoinPaperPolicy, ewma),
+    "none": Recipe(NonePolicy, _none),
     "static": Recipe(StaticPolicy, _none),
-    "drf": Recipe(DRFPolicy, default_predictor),
     "mom": Recipe(MomPolicy, LastValue),
+    "drf": Recipe(DRFPolicy, default_predictor),
     "vm-balancer": Recipe(VmBalancerPolicy, LastValue, VmBalancerPlacement),
     "kvmscheduling": Recipe(KvmSchedulingPolicy, LastValue, KvmSchedulingPlacement),
+    "rescoin-paper": Recipe(RescoinPaperPolicy, ewma),
+    "rescoin": Recipe(RescoinPolicy, default_predictor, BalancePlacement, guard="rescoin"),
     "oracle": Recipe(OraclePolicy, _none),
 }
+GUARDED = "+guard"  # suffix of a peer run with rescoin's guard
 
 
 def recipe(name: str) -> Recipe:
-    """The recipe of a policy by name; an unknown name says which exist."""
-    try:
-        return RECIPES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(RECIPES)}") from None
+    """The recipe of a policy by name (``"<peer>+guard"`` too); an unknown name says which exist."""
+    base = name[: -len(GUARDED)] if name.endswith(GUARDED) else name
+    r = RECIPES.get(base)
+    if r is None or (base != name and r.guard != "physical"):
+        known = ", ".join(RECIPES)
+        raise ValueError(f"unknown policy {name!r}; choose from {known} (or a peer with {GUARDED!r})")
+    return replace(r, guard="rescoin") if base != name else r
 
 
 #: policy names, in the order simulations run them
@@ -78,7 +90,7 @@ def make_policy(name: str) -> Policy:
 def build(name: str) -> Components:
     """Fresh components of the policy ``name``."""
     r = recipe(name)
-    return Components(r.policy(), r.predictor(), r.placement())
+    return Components(r.policy(), r.predictor(), r.placement(), r.guard)
 
 
-__all__ = ["Components", "POLICIES", "RECIPES", "Recipe", "build", "make_policy", "recipe"]
+__all__ = ["GUARDED", "Components", "POLICIES", "RECIPES", "Recipe", "build", "make_policy", "recipe"]

@@ -26,7 +26,7 @@ class SimSettings:
 
 
 def parse_policies(text: str | Iterable[str] | None) -> list[str]:
-    """``"rescoin,static"`` -> ["rescoin", "static"], each checked."""
+    """``"rescoin,static"`` -> ["rescoin", "static"], each checked (``"mom+guard"`` too)."""
     if text is None:
         return list(DEFAULT_POLICIES)
     names = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
@@ -44,7 +44,8 @@ def build_loop(trace, policy_name: str, settings: SimSettings, presence=None) ->
                    exempt=parts.policy.needs_truth)
     if settings.model and recipe(policy_name).default_model:
         parts = parts.with_predictor(load_model(settings.model))
-    return ControlLoop(host, parts, guard=Guard(settings.guard),
+    # peers run with the host's physical limits only, rescoin (and "<peer>+guard") with rescoin's guard
+    return ControlLoop(host, parts, guard=Guard(settings.guard, profile=parts.guard),
                        history=History(settings.window), period=float(trace.period))
 
 

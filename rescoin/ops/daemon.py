@@ -9,6 +9,11 @@
   reloads the configuration without losing history or credits;
 - a root-only UNIX socket for ``rescoin status`` and an opt-in Prometheus
   endpoint.
+
+On a real host the guard is always rescoin's (profile ``"rescoin"``), whatever
+the policy: safety first, so a peer runs there as its ``"<peer>+guard"``
+variant. Only a replayed trace (a ``sim:`` URI) uses the recipe's own profile,
+as ``rescoin simulate`` does.
 """
 from __future__ import annotations
 
@@ -160,7 +165,9 @@ class Daemon:
                 parts = parts.with_predictor(load_model(cfg.daemon.model))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return ControlLoop(host or self.host, parts, guard=Guard(cfg.guard), history=history,
+        # a real host always gets rescoin's guard (a peer runs as "<peer>+guard"); a replay, the recipe's
+        profile = parts.guard if cfg.daemon.uri.startswith("sim:") else "rescoin"
+        return ControlLoop(host or self.host, parts, guard=Guard(cfg.guard, profile=profile), history=history,
                            period=cfg.daemon.period)
 
     # -- signals ------------------------------------------------------------------------------

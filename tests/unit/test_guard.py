@@ -418,3 +418,78 @@ def test_limit_below_use_keeps_the_floor_first_sight_and_step(kit):
 def test_limit_above_the_floor_caps_growth(kit):
     alloc, obs, cap = limited(kit, 700.0, 1024.0, 600.0, 400.0, 4000.0)
     assert Guard().plan(alloc, obs, cap).controls.balloon[0] == pytest.approx(700.0)
+
+
+# -- the physical profile: only what the host enforces (the peers' guard) ------------------------
+
+
+def test_unknown_profile_says_which_exist():
+    with pytest.raises(ValueError, match="rescoin, physical"):
+        Guard(profile="nope")
+
+
+def test_physical_has_no_step_limit_no_deadband_no_used_floor(kit):
+    # want 300 from 8000 with 3000 used: rescoin's guard holds the used+reserve floor and one step;
+    # the physical profile goes straight there (above the absolute floor)
+    alloc, obs, cap = setup(kit, [8000.0, 8000.0], [8000.0, 4000.0], [3000.0, 0.0], want=[300.0, 4010.0])
+    plan = Guard(profile="physical").plan(alloc, obs, cap)
+    np.testing.assert_allclose(plan.controls.balloon, [300.0, 4010.0])
+    assert plan.changed["balloon"].tolist() == [True, True]  # a 10 MiB move is a change (no dead-band)
+    rescoin = Guard().plan(alloc, obs, cap)
+    assert rescoin.controls.balloon[0] > 300.0 and not rescoin.changed["balloon"][1]
+
+
+def test_physical_targets_within_floor_and_maximum(kit):
+    alloc, obs, cap = setup(kit, [2048.0, 2048.0, 2048.0], [2048.0] * 3, [0.0] * 3, want=[10.0, 5000.0, 800.0],
+                            min_memory=[0.0, 0.0, 1000.0])
+    plan = Guard(profile="physical").plan(alloc, obs, cap)
+    np.testing.assert_allclose(plan.controls.balloon, [C.mem_floor_mib, 2048.0, 1000.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 2**32 - 1), st.floats(0.2, 2.0))
+def test_physical_sum_within_host_memory_and_floors_kept(n, seed, room):
+    from tests.conftest import make_obs, make_vms  # the kit fixture is function-scoped
+
+    rng = np.random.default_rng(seed)
+    size = rng.uniform(512, 8192, n)
+    sizes = np.column_stack([np.full(n, 2.0), size, np.full(n, 1000.0), np.full(n, 1000.0)])
+    vms = make_vms(n, sizes=sizes)
+    ctl = Controls.defaults(vms)
+    ctl.balloon = size * rng.uniform(0.1, 1.0, n)
+    capacity = max(room * size.sum(), 1.0)
+    cap = np.array([8.0, capacity, 4000.0, 4000.0])
+    obs = make_obs(vms, np.zeros((n, N_RES)), cap, controls=ctl, age=np.ones(n, dtype=int))
+    amount = np.full((n, N_RES), NAN)
+    amount[:, MEMORY] = size * rng.uniform(0.0, 1.5, n)
+    plan = Guard(profile="physical").plan(Allocation(amount=amount, caps=np.zeros(N_RES, bool)), obs, cap)
+    target = plan.controls.balloon
+    floor = np.minimum(C.mem_floor_mib, size)
+    assert np.all(target >= floor - 1e-6) and np.all(target <= size + 1e-6)
+    if floor.sum() <= capacity:
+        assert target.sum() <= capacity + 1e-6
+    else:
+        np.testing.assert_allclose(target, floor)
+
+
+def test_physical_shares_follow_the_allocation_not_the_entitlement(kit):
+    alloc, obs, cap = setup(kit, [2048.0, 2048.0], [2048.0] * 2, [0.0, 0.0], cpu=[0.1, 3.0])
+    ent = np.tile([2.0, 2048.0, 1000.0, 1000.0], (2, 1))
+    phys = Guard(profile="physical").plan(alloc, obs, cap, ent)
+    np.testing.assert_array_equal(phys.controls.shares, [102.0, 3072.0])  # round(alloc * 1024)
+    assert Guard().plan(alloc, obs, cap, ent).controls.shares[0] == 2048.0  # rescoin's: the entitlement's
+
+
+def test_physical_shares_clipped_to_kernel_range_and_changed_when_different(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 3, [2048.0] * 3, [0.0] * 3, cpu=[0.0, 1000.0, 1.01])
+    plan = Guard(profile="physical").plan(alloc, obs, cap)
+    np.testing.assert_array_equal(plan.controls.shares, [2.0, 262144.0, 1034.0])
+    assert plan.changed["shares"].all()  # 1024 -> 1034 is under rescoin's 10% band, still a change
+    assert not Guard().plan(alloc, obs, cap).changed["shares"][2]
+
+
+def test_physical_blkio_within_kernel_range(kit):
+    alloc, obs, cap = setup(kit, [2048.0] * 3, [2048.0] * 3, [0.0] * 3, disk=[0.0, 300.0, 1024.0])
+    plan = Guard(profile="physical").plan(alloc, obs, cap)
+    assert plan.controls.blkio.min() >= 10.0 and plan.controls.blkio.max() <= 1000.0
+    assert plan.controls.blkio[0] == 10.0

@@ -9,7 +9,7 @@ import pytest
 
 from rescoin.core.loop import ControlLoop, run_daemon
 from rescoin.core.model import Controls
-from rescoin.core.registry import POLICIES, build
+from rescoin.core.registry import POLICIES, build, recipe
 from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
 from rescoin.hosts.sim import SimHost
 from rescoin.offline.evaluate import jain
@@ -146,8 +146,9 @@ def test_missing_samples_do_not_break_the_loop(kit, name):
             assert not np.isnan(getattr(c, k)).any(), f"NaN {k}"
         d = step.obs.truth
         np.testing.assert_array_equal(np.isnan(step.obs.usage), np.isnan(d))  # unknown stays unknown
-        # nobody knows what VM3 uses: it is never reclaimed from
-        assert c.balloon[3] >= step.obs.controls.balloon[3] - 1e-9
+        # nobody knows what VM3 uses: rescoin's guard never reclaims from it (the physical one may)
+        if recipe(name).guard == "rescoin":
+            assert c.balloon[3] >= step.obs.controls.balloon[3] - 1e-9
 
 
 def test_presence_shape_checked(kit):

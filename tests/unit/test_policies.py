@@ -28,7 +28,8 @@ NAN = np.nan
 FILLS = {
     "rescoin": (CPU, MEMORY, DISK, NET),
     "rescoin-paper": (CPU, MEMORY, DISK, NET),
-    "static": (CPU, MEMORY, DISK, NET),
+    "static": (CPU, MEMORY),  # disk and net stay at the hypervisor defaults
+    "none": (),  # a host without any manager sets nothing
     "drf": (CPU, MEMORY, DISK, NET),
     "oracle": (CPU, MEMORY, DISK, NET),
     "mom": (CPU, MEMORY),
@@ -379,14 +380,15 @@ def test_static_gives_entitlement(kit):
 def test_oracle_is_weighted_max_min_of_next_demand(kit):
     n = 3
     s = np.full((n, N_RES), NAN)
-    s[:, CPU] = [4.0, 4.0, 2.0]  # entitlements 4, 4, 2 on 10 cores
+    s[:, CPU] = [8.0, 8.0, 4.0]  # entitlements 4, 4, 2 on 10 cores
     vms = kit.vms(n, sizes=s)
     truth = np.full((n, N_RES), NAN)
-    truth[:, CPU] = [1.0, 9.0, 9.0]
+    truth[:, CPU] = [8.0, 2.0, 4.0]
     inp = kit.input(vms, [np.zeros((n, N_RES))], CPU_ONLY, predictor="none", truth_next=truth)
     got = make_policy("oracle").allocate(inp).amount[:, CPU]
-    # VM0 takes its 1; 9 left split 4:2 between VM1 and VM2 -> 6, 3
-    np.testing.assert_allclose(got, [1.0, 6.0, 3.0])
+    # floors min(demand, entitlement) = 4, 2, 2; then the ratio rises for VM0 and VM2 alike:
+    # 8x + 2 + 4x = 10 -> x = 2/3 -> 16/3, 2, 8/3
+    np.testing.assert_allclose(got, [16 / 3, 2.0, 8 / 3])
 
 
 # -- DRF ----------------------------------------------------------------------------------------

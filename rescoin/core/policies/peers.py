@@ -1,30 +1,66 @@
-"""The peers rescoin is measured against: static, DRF, oVirt MoM and the oracle.
+"""The peers rescoin is measured against: none, static, DRF, oVirt MoM and the oracle.
 
-Each is a faithful, bug-fixed model of what it stands for, run through the
-same guard and host as rescoin.
+Each is a faithful, bug-fixed model of what it stands for, run on the same
+host as rescoin but with only the host's physical limits (the guard's
+``"physical"`` profile; ``"<peer>+guard"`` runs one with rescoin's guard).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from rescoin.core.arrays import fillnan
+from rescoin.core.guard import GuardConfig
 from rescoin.core.model import Allocation
 from rescoin.core.policies.base import PolicyInput, finish, managed, share_leftover
 from rescoin.core.resources import CPU, MEMORY, N_RES
-from rescoin.core.sharing import water_fill_columns
+
+
+@dataclass
+class NonePolicy:
+    """A host without any manager: nothing is set (libvirt defaults stay: shares 1024,
+    balloon at maximum, blkio 500, no caps, no pins)."""
+
+    name: str = "none"
+    needs_truth: bool = False
+
+    def allocate(self, inp: PolicyInput) -> Allocation:
+        return Allocation(amount=np.full((inp.n, N_RES), np.nan), caps=np.zeros(N_RES, dtype=bool))
 
 
 @dataclass
 class StaticPolicy:
-    """A host without rescoin: every VM gets its entitlement, never changed."""
+    """Fixed CPU shares and balloon targets: each VM's entitlement at first sight, never changed.
+
+    What an operator writes once into each domain's XML. A VM seen for the
+    first time (``age`` 0: also one that left and came back) is given its
+    entitlement, but no more than the host memory the fixed targets of the
+    others leave, so no target has to move (unless what is left is below the
+    host's absolute floor: then the guard scales every target into host
+    memory). Disk and net stay at the hypervisor defaults.
+    """
 
     name: str = "static"
     needs_truth: bool = False
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)  # uuid -> (cpu, memory) fixed at first sight
 
     def allocate(self, inp: PolicyInput) -> Allocation:
-        return finish(fillnan(inp.entitlement, 0.0), inp.capacity)
+        uuids = inp.obs.vms.uuids.tolist()
+        ent = fillnan(inp.entitlement, 0.0)
+        new = np.array([inp.obs.age[i] == 0 or u not in self.fixed for i, u in enumerate(uuids)], dtype=bool)
+        old = np.array([self.fixed[u] if not new[i] else (0.0, 0.0) for i, u in enumerate(uuids)]).reshape(-1, 2)
+        mem = ent[:, MEMORY].copy()
+        if new.any() and np.isfinite(inp.capacity[MEMORY]):
+            left = inp.capacity[MEMORY] - old[~new, 1].sum()
+            want = mem[new]
+            mem[new] = np.clip(left - (np.cumsum(want) - want), 0.0, want)  # newcomers in order, while it fits
+        for i in np.flatnonzero(new):
+            self.fixed[uuids[i]] = np.array([ent[i, CPU], mem[i]])
+        values = np.array([self.fixed[u] for u in uuids]).reshape(-1, 2)
+        alloc = np.full((inp.n, N_RES), np.nan)
+        alloc[:, CPU], alloc[:, MEMORY] = values[:, 0], values[:, 1]
+        return finish(alloc, inp.capacity)
 
 
 def drf_fill(demand: np.ndarray, weight: np.ndarray, capacity: np.ndarray) -> np.ndarray:
@@ -114,20 +150,76 @@ class MomPolicy:
             else:
                 target = np.minimum(size, cur * (1.0 + self.max_change))
             small = np.abs(target - cur) < self.min_change * cur
-            alloc[:, MEMORY] = np.where(small, cur, target)
+            # MoM balloons only guests whose memory stats it reads (rescoin's guard used to hide this)
+            blind = np.isnan(inp.obs.usage[:, MEMORY]) | np.isnan(inp.obs.controls.balloon)
+            alloc[:, MEMORY] = np.where(blind, np.nan, np.where(small, cur, target))
         return Allocation(amount=alloc, caps=np.zeros(N_RES, dtype=bool))
+
+
+def max_min_ratio(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray, got: np.ndarray | None = None,
+                  wanted: np.ndarray | None = None, iters: int = 60) -> np.ndarray:
+    """Per column: raise the lowest satisfaction ratio first, with floors, capped at demand.
+
+    g_i = clip(mu * (wanted_i + d_i) - got_i, floor_i, d_i) for the largest mu
+    whose sum fits capacity: with ``got``/``wanted`` (what each VM was granted
+    and demanded so far) the ratio raised is the cumulative one the metrics
+    score per VM; without them, this period's g/d. Floors above capacity are scaled into it.
+    Bisection on mu, vectorised over VMs and columns.
+    """
+    d = np.maximum(demand, 0.0)
+    f = np.minimum(np.maximum(floor, 0.0), d)
+    g0 = np.zeros_like(d) if got is None else got
+    w = d + (0.0 if wanted is None else wanted)
+    cap = np.asarray(capacity, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):  # floors above capacity: scaled into it
+        f = f * np.where(f.sum(axis=0) > cap, cap / f.sum(axis=0), 1.0)
+    fits_all = d.sum(axis=0) <= cap
+    lo, hi = np.zeros(d.shape[1]), np.ones(d.shape[1])
+    for _ in range(iters):
+        mid = (lo + hi) / 2.0
+        ok = np.clip(mid * w - g0, f, d).sum(axis=0) <= cap
+        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+    g = np.where(fits_all, d, np.clip(lo * w - g0, f, d))
+    # hand out what bisection left (a sliver) to the VMs still below demand, by shortfall
+    left = np.maximum(capacity - g.sum(axis=0), 0.0) * ~fits_all
+    short = np.maximum(d - g, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(short.sum(axis=0) > 0, np.minimum(1.0, left / short.sum(axis=0)), 0.0)
+    result: np.ndarray = g + short * scale
+    return result
 
 
 @dataclass
 class OraclePolicy:
-    """Knows this period's true demand; weighted max-min by entitlement.
+    """Knows the true demand of the period its allocation applies to; the upper bound.
 
-    The upper limit: nothing can grant more with the same capacity. What no
-    VM demands is shared by entitlement so targets set ahead never bind.
+    Per resource, what the metrics score: every VM first gets min(demand,
+    entitlement) (no sharing-incentive breach), then the rest of capacity
+    raises the lowest ratio granted/demand first (each VM's ratio over the
+    run so far, as worst-off scores it), capped at demand; what no
+    VM demands is shared by entitlement up to each VM's size (so memory
+    targets never bind, and sum to at most host memory). It runs with the
+    physical guard and no reclaim latency; CPU shares are proportional to
+    its allocation, which a weighted max-min host grants exactly.
     """
 
     name: str = "oracle"
     needs_truth: bool = True
+    mem_floor_mib: float = GuardConfig.mem_floor_mib  # the guard's absolute floor of any balloon target
+    _totals: dict[str, np.ndarray] = field(default_factory=dict)  # uuid -> (granted, demanded) so far
+
+    def _so_far(self, inp: PolicyInput) -> tuple[np.ndarray, np.ndarray]:
+        """Add this period's grants and true demand to each VM's totals; return (granted, demanded)."""
+        obs = inp.obs
+        uuids = obs.vms.uuids.tolist()
+        d = np.maximum(fillnan(obs.truth, 0.0), 0.0) if obs.truth is not None else np.zeros((obs.n, N_RES))
+        g = np.minimum(fillnan(obs.usage, 0.0), d)
+        for i, u in enumerate(uuids):
+            if obs.age[i] == 0 or u not in self._totals:  # a VM that comes back is new
+                self._totals[u] = np.zeros((2, N_RES))
+            self._totals[u] += (g[i], d[i])
+        both = np.array([self._totals[u] for u in uuids]).reshape(obs.n, 2, N_RES)
+        return both[:, 0], both[:, 1]
 
     def allocate(self, inp: PolicyInput) -> Allocation:
         truth = inp.obs.truth_next if inp.obs.truth_next is not None else inp.obs.truth
@@ -135,6 +227,14 @@ class OraclePolicy:
             raise ValueError("the oracle policy needs a simulated host (it reads true demand)")
         cap = fillnan(inp.capacity, 0.0)
         tc = fillnan(inp.entitlement, 0.0)
-        demand = np.maximum(fillnan(truth, 0.0), 0.0)
-        fair = water_fill_columns(demand, tc, cap)
+        limit = fillnan(inp.obs.vms.sizes, np.inf)
+        demand = np.minimum(np.maximum(fillnan(truth, 0.0), 0.0), limit)
+        floor = np.minimum(demand, tc)
+        # a balloon target never goes below the host's floor: plan memory with it, not be cut by it
+        low = np.minimum(np.maximum(self.mem_floor_mib, fillnan(inp.obs.vms.min_memory, 0.0)),
+                         limit[:, MEMORY])
+        floor[:, MEMORY] = np.maximum(floor[:, MEMORY], low)
+        demand[:, MEMORY] = np.maximum(demand[:, MEMORY], low)
+        got, wanted = self._so_far(inp)
+        fair = max_min_ratio(demand, floor, cap, got, wanted)
         return finish(share_leftover(fair, cap, tc, inp.obs.vms.sizes), inp.capacity)

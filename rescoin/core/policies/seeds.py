@@ -24,6 +24,15 @@ def _memory_view(inp: PolicyInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return cur, used, size, host_free
 
 
+def _blind(inp: PolicyInput) -> np.ndarray:
+    """Guests whose used memory or balloon is unknown: the seeds read both, so they leave these alone.
+
+    (Unknown used memory counted as zero would reclaim from them; rescoin's guard hid that.)
+    """
+    result: np.ndarray = np.isnan(inp.obs.usage[:, MEMORY]) | np.isnan(inp.obs.controls.balloon)
+    return result
+
+
 def _feed(target: np.ndarray, who: np.ndarray, amount: np.ndarray, size: np.ndarray, free: float) -> np.ndarray:
     """Give ``amount`` to the guests in ``who`` in order, up to their maximum, while the host has it."""
     grant = np.minimum(amount, np.maximum(size[who] - target[who], 0.0))
@@ -54,7 +63,7 @@ class VmBalancerPolicy:
             hungry = np.flatnonzero(usable < self.starving)
             hungry = hungry[np.argsort(usable[hungry], kind="stable")]
             amount = np.full(hungry.size, self.feed_per_second * inp.period)
-            alloc[:, MEMORY] = _feed(target, hungry, amount, size, free)
+            alloc[:, MEMORY] = np.where(_blind(inp), np.nan, _feed(target, hungry, amount, size, free))
         return Allocation(amount=alloc, caps=np.zeros(N_RES, dtype=bool))
 
 
@@ -90,5 +99,5 @@ class KvmSchedulingPolicy:
                 target = _feed(target, starved[:pairs], give, size, np.inf)
                 rest = starved[pairs:]
                 target = _feed(target, rest, np.full(rest.size, self.wasteful_above), size, free)
-            alloc[:, MEMORY] = target
+            alloc[:, MEMORY] = np.where(_blind(inp), np.nan, target)
         return Allocation(amount=alloc, caps=np.zeros(N_RES, dtype=bool))
