@@ -48,7 +48,9 @@ LEGEND = {
     "over": "raw forecast above demand: sum of (forecast - demand) / sum of demand *",
     "p.under": "the same for the padded forecast the policy plans on *",
     "p.over": "the same, above demand, for the padded forecast *",
-    "swap": "host swap: share of periods with guest memory swapped out, peak MiB",
+    "swap": "host swap: share of periods with guest memory swapped out",
+    "peak": "host swap: most guest memory swapped out at once, MiB",
+    "swapped": "host swap: MiB swapped out, summed over periods (MiB-periods)",
 }
 LEGEND_NOTE = ("* demand-weighted: a VM counts by its demand; the others count",
                "VM-periods or VMs. Only VM-periods with demand > 0; - = none.")
@@ -182,8 +184,8 @@ def _swap_table(policies: dict, width: int | None, shown_all: list[str]) -> list
     swaps = {name: res.get("host_swap") or {} for name, res in policies.items()}
     if not any(v.get("share_of_periods") is not None for v in swaps.values()):
         return []
-    shown_all.append("swap")
-    cols = [Col("policy", "left"), Col("swap"), Col("peak\nMiB"), Col("MiB-\nperiods")]
+    shown_all += ["swap", "peak", "swapped"]
+    cols = [Col("policy", "left"), Col("swap"), Col("peak"), Col("swapped")]
     rows = [[name, _fmt(v.get("share_of_periods")), _fmt(v.get("peak_mib")), _fmt(v.get("mib_periods"))]
             for name, v in swaps.items()]
     return fit_tables("host swap", cols, rows, width, **COMPACT)

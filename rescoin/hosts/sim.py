@@ -1,4 +1,4 @@
-"""SimHost: a host that replays per-VM demand from a trace, by the rules below.
+"""SimHost: a host that replays per-VM demand from a trace, by the rules of docs/simulator.md.
 
 It grants resources the way the real mechanisms would, and the same rules
 apply to every policy:
@@ -6,30 +6,41 @@ apply to every policy:
 - CPU: weighted max-min sharing of the host's cores by cpu shares, capped by
   quotas and by each VM's vCPU count; with pinning, per pCPU group, each vCPU
   using at most one core; unpinned vCPUs float over whatever room is left.
-- Memory: a VM gets ``min(demand, balloon target)``; the host cannot hand out
-  more than it has.
+- Memory: guest footprints that grow with I/O toward the balloon target (else
+  the size), shrink only by balloon reclaim, and make the host swap when they
+  sum to more than host memory (rescoin.hosts.simmemory); with the model off,
+  ``min(demand, balloon target)`` within host memory.
 - Disk: weighted max-min by blkio weight. Net: max-min under each VM's cap.
 
-The scheduler sees only granted usage and unmet-demand pressure (the share
-of demand not granted, like PSI or steal): never the demand itself. Only
-``truth`` / ``truth_next`` carry it, for metrics and the oracle.
+The scheduler sees only granted usage and what a real host shows of unmet
+demand (CPU steal, memory and I/O stall time, nothing for net), the sizes a
+real host knows (vCPUs, memory, nominal disk and net), resident memory and
+host swap: never the demand itself. Only ``truth`` / ``truth_next`` carry it,
+and the control loop hands them to the oracle alone.
 """
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.model import Controls, Observation, Plan, VMSet
-from rescoin.core.resources import CPU, MEMORY, N_RES, RESOURCES, HostCapacity, Resource
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET, RESOURCES, HostCapacity, Resource
 from rescoin.core.sharing import water_fill, water_fill_columns
 from rescoin.hosts.base import ApplyResult, HostBase
-from rescoin.hosts.simmemory import MemoryModel
+from rescoin.hosts.simmemory import Footprints, MemoryModel, MemoryOutcome
 
 NAMESPACE = uuid.UUID("6f1c1a52-9a3e-4d4f-9d44-7e0c5c2b1a10")
+#: nominal per-VM disk and net bandwidth (KiB/s): the allowance a provider sells with a VM; 100 VMs at
+#: overcommit 1.5 share 267 MiB/s, and the shared trace's 100 VMs contend for it in about 1% of periods
+DISK_KIBS_PER_VM = 4096.0
+NET_KIBS_PER_VM = 4096.0
+#: a shortfall share s shows as stall time min(1, PRESSURE_GAIN * s): a guest missing a fifth of its
+#: working set (or of its I/O) stalls all the time; PSI is reported to 2 decimals of a percent
+PRESSURE_GAIN = 5.0
 DEFAULT_OVERCOMMIT = 1.5  # a resource a per-resource overcommit does not name keeps this factor
 
 
@@ -47,6 +58,20 @@ def overcommit_factors(value: float | Mapping[str, float]) -> np.ndarray:
     return out
 
 
+def _sizes(given: np.ndarray, demand: np.ndarray, disk_kibs: float, net_kibs: float) -> np.ndarray:
+    """What a real host knows of each VM: configured vCPUs and memory, nominal disk and net.
+
+    No trace provisions disk or net: a VM with such a device gets the nominal
+    allowance, as a real host knows its devices (never the replay's future peaks).
+    """
+    sizes = np.array(given, dtype=float)
+    sizes[:, CPU] = fillnan(sizes[:, CPU], 1.0).clip(min=1).round()
+    for r, nominal in ((DISK, disk_kibs), (NET, net_kibs)):
+        has = np.isfinite(demand[:, :, r]).any(axis=0)
+        sizes[:, r] = np.where(np.isnan(sizes[:, r]) & has, float(nominal), sizes[:, r])
+    return sizes
+
+
 class SimHost(HostBase):
     period: float  # the trace's, always known
 
@@ -58,23 +83,18 @@ class SimHost(HostBase):
         name: str = "sim",
         memory: MemoryModel | None = None,
         exempt: bool = False,
+        disk_kibs: float = DISK_KIBS_PER_VM,
+        net_kibs: float = NET_KIBS_PER_VM,
+        weights: Sequence[float] | None = None,
     ) -> None:
         factors = overcommit_factors(overcommit)
         self.memory = memory or MemoryModel()
-        self.exempt = exempt  # the oracle: no reclaim latency (SKELETON: used by the memory model)
+        self.exempt = exempt  # the oracle: no reclaim latency
         demand = np.asarray(trace.demand, dtype=float)
         if demand.ndim != 3 or demand.shape[2] != N_RES:
             raise ValueError(f"trace demand must be (periods, vms, {N_RES}), got {demand.shape}")
         self.periods, n, _ = demand.shape
-        sizes = np.array(trace.sizes, dtype=float)
-        sizes[:, CPU] = fillnan(sizes[:, CPU], 1.0).clip(min=1).round()
-        with np.errstate(all="ignore"):
-            peak = np.nanmax(np.where(np.isnan(demand), -np.inf, demand), axis=0)
-        peak[~np.isfinite(peak)] = np.nan
-        for r in range(2, N_RES):  # no trace provisions disk or net: use each VM's peak
-            col = sizes[:, r]
-            sizes[:, r] = np.where(np.isnan(col), np.maximum(peak[:, r], 1.0), col)
-            sizes[np.isnan(peak[:, r]) & np.isnan(trace.sizes[:, r]), r] = np.nan
+        sizes = _sizes(trace.sizes, demand, disk_kibs, net_kibs)
         demand = demand.copy()
         demand[:, :, CPU] = np.minimum(demand[:, :, CPU], sizes[None, :, CPU])
         self.demand = np.maximum(demand, 0.0, where=~np.isnan(demand), out=demand)
@@ -95,6 +115,7 @@ class SimHost(HostBase):
             names=[f"vm-{v}" for v in ids],
             sizes=sizes,
             min_memory=np.zeros(n),
+            weight=None if weights is None else np.resize(np.asarray(weights, dtype=float), n),
         )
         if presence is None:  # a VM with no sample at all in a period was not running then
             presence = np.isfinite(demand).any(axis=2)
@@ -110,6 +131,7 @@ class SimHost(HostBase):
         self._rows: np.ndarray | None = None
         self._view: tuple[VMSet, np.ndarray] | None = None
         self.actions = {k: 0 for k in kinds.names()}
+        self.footprints = Footprints(n, self.memory, exempt) if self.memory.enabled else None
 
     @property
     def capacity(self) -> HostCapacity:
@@ -146,6 +168,8 @@ class SimHost(HostBase):
         for r, c in zip(self._vstart[rows], counts, strict=True):
             self.controls.pins[r : r + c] = -1
         self.first_seen[rows] = -1
+        if self.footprints is not None:
+            self.footprints.reset(rows)
 
     def _controls_for(self, rows: np.ndarray, vidx: np.ndarray) -> Controls:
         c = self.controls
@@ -156,14 +180,16 @@ class SimHost(HostBase):
                         c.pins[vidx], c.pin_width, c.diskcap[rows])
 
     # -- granting -----------------------------------------------------------------
-    def grant(self, demand: np.ndarray, vms: VMSet, ctl: Controls) -> np.ndarray:
-        """What each VM actually gets this period under the applied controls."""
+    def grant(self, demand: np.ndarray, vms: VMSet, ctl: Controls, mem: MemoryOutcome | None = None) -> np.ndarray:
+        """What each VM actually gets this period under the applied controls (``mem``: the memory model's)."""
         cap = self._capacity.capacity
         d = fillnan(demand, 0.0)
         out = np.zeros_like(d)
         v = vms.vcpus
         limit = np.minimum(v, fillnan(ctl.quota, np.inf))
         want = np.minimum(d[:, CPU], limit)
+        if mem is not None:  # a vCPU waiting on swapped-out pages is not runnable: others may use the core
+            want = want * mem.cpu_factor
         if (ctl.pins < 0).all():
             out[:, CPU] = water_fill(want, ctl.shares, cap[CPU])
         else:
@@ -191,7 +217,40 @@ class SimHost(HostBase):
         ])
         rest_w = np.column_stack([np.maximum(target, 1.0), ctl.blkio, np.ones(vms.n)])
         out[:, 1:] = water_fill_columns(rest_d, rest_w, fillnan(cap[1:], 0.0))
+        if mem is not None:  # memory is what the footprints hold, not a share of host memory
+            out[:, MEMORY] = mem.granted
         return out
+
+    def _memory_step(self, t: int, rows: np.ndarray, vms: VMSet, ctl: Controls) -> MemoryOutcome | None:
+        if self.footprints is None or np.isnan(self._capacity.capacity[MEMORY]):
+            return None
+        demand = self.demand[t, rows]
+        size = fillnan(vms.sizes[:, MEMORY], 0.0)
+        limit = np.where(np.isnan(ctl.balloon), size, np.minimum(ctl.balloon, size))
+        io_mib = fillnan(demand[:, DISK], 0.0) * self.period / 1024.0
+        return self.footprints.step(rows, demand[:, MEMORY], limit, io_mib, self.period,
+                                    float(self._capacity.capacity[MEMORY]))
+
+    @staticmethod
+    def signals(demand: np.ndarray, got: np.ndarray, vms: VMSet, mem: MemoryOutcome | None) -> np.ndarray:
+        """What a real host shows of unmet demand: CPU steal, memory and I/O stall time, nothing for net.
+
+        Steal is the share of the VM's vCPU time runnable but not running (time a vCPU
+        stalls on swapped-out pages is not runnable, so it is not steal); memory and disk
+        show a stall share that saturates (``PRESSURE_GAIN``), never the missing MiB.
+        """
+        sig = np.full(demand.shape, np.nan)
+        want = np.minimum(demand[:, CPU], vms.vcpus)
+        if mem is not None:
+            want = want * mem.cpu_factor
+        sig[:, CPU] = np.clip((want - got[:, CPU]) / vms.vcpus, 0.0, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for r in (MEMORY, DISK):
+                short = np.where(demand[:, r] > 0, (demand[:, r] - got[:, r]) / demand[:, r], 0.0)
+                sig[:, r] = np.round(np.clip(PRESSURE_GAIN * short, 0.0, 1.0), 4)
+        sig[np.isnan(demand)] = np.nan
+        sig[:, NET] = np.nan
+        return sig
 
     # -- the Host protocol --------------------------------------------------------------
     def observe(self) -> Observation | None:
@@ -201,11 +260,10 @@ class SimHost(HostBase):
         rows, vms, vidx = self._present(t)
         ctl = self._controls_for(rows, vidx)
         demand = self.demand[t, rows]
-        got = self.grant(demand, vms, ctl)
+        mem = self._memory_step(t, rows, vms, ctl)
+        got = self.grant(demand, vms, ctl, mem)
         missing = np.isnan(demand)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            signal = np.where(demand > 0, (demand - got) / demand, 0.0)
-        signal[missing] = np.nan
+        signal = self.signals(demand, got, vms, mem)
         usage = np.where(missing, np.nan, got)
         new = self.first_seen[rows] < 0
         self.first_seen[rows[new]] = t
@@ -222,6 +280,8 @@ class SimHost(HostBase):
             age=t - self.first_seen[rows],
             truth=demand,
             truth_next=nxt,
+            resident=None if mem is None else mem.resident,
+            host_swap=None if mem is None else mem.host_swap,
         )
 
     def apply(self, plan: Plan) -> ApplyResult:

@@ -172,9 +172,19 @@ def test_sim_host_never_shows_true_demand(kit, name):
         assert np.all(u[known] <= d[known] + 1e-9), "usage above demand"
         assert np.all(u[known] >= -1e-12)
         pos = known & (d > 0)
-        np.testing.assert_array_equal(s[pos] > 0, u[pos] < d[pos])
-        assert np.all(s[known & (d == 0)] == 0)
-        assert np.all((s[known] >= 0) & (s[known] <= 1))
+        # a real host shows stall time, not the missing share: net shows nothing, the others are 0
+        # when nothing is missing and on when something is (memory and disk to 4 decimals of a
+        # saturating stall share; CPU steal, except while the host swaps: a stalled vCPU is not runnable)
+        assert np.isnan(s[:, 3]).all()
+        pos[:, 3] = False
+        assert np.all(s[pos & (s > 0)] <= 1) and not np.any(s[pos] < 0)
+        assert np.all(u[pos & (s > 0)] < d[pos & (s > 0)])
+        assert np.all(s[:, :3][known[:, :3] & (d[:, :3] == 0)] == 0)
+        short = pos & (u < d * (1 - 1e-4))
+        if not obs.host_swap:
+            assert np.all(s[short] > 0)
+        else:
+            assert np.all(s[:, 1:3][short[:, 1:3]] > 0)
         contended |= bool((u[pos] < d[pos]).any())
     assert contended, "the scenario should contend for something"
 
@@ -244,7 +254,8 @@ def test_memory_grant_is_min_of_demand_and_balloon(kit):
     host.controls.balloon = np.array([300.0, 700.0])
     obs = host.observe()
     np.testing.assert_allclose(obs.usage[:, MEMORY], [300.0, 500.0])
-    np.testing.assert_allclose(obs.signal[:, MEMORY], [0.4, 0.0])
+    # 40% of the first VM's working set missing: its memory stall share saturates (5 x 0.4, at most 1)
+    np.testing.assert_allclose(obs.signal[:, MEMORY], [1.0, 0.0])
 
 
 def test_vcpu_count_caps_cpu_demand(kit):
