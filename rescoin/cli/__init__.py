@@ -43,6 +43,14 @@ def _positive(kind):
 
 
 _nonneg = number(float, 0)
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    one = number(float, 0, strict=True)
+    try:
+        return tuple(one(w) for w in text.split(","))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"weights {text!r}: each must be a number > 0 ({e})") from None
 OVERCOMMIT_HELP = ("sum of VM sizes / host capacity: one factor for all resources, or per resource "
                    "(cpu, memory, disk, net; the others keep 1.5), e.g. cpu=4,memory=1.5 (default 1.5)")
 
@@ -74,7 +82,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     trace = _load(args.trace, args.vms, args.days, args.start_day, args.vm_offset, console)
-    settings = SimSettings(overcommit=args.overcommit, model=args.model)
+    settings = SimSettings(overcommit=args.overcommit, model=args.model, weights=args.weights)
     t0 = time.perf_counter()
     with progress(console) as bar:
         tasks = {p: bar.add_task(p, total=trace.n_periods) for p in policies}
@@ -261,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if "step" in last:
             view.update(last["step"], loop.history, force=True)
     console.print(f"history: {writer.rows} rows in {out}/")
-    policies = ["rescoin", "static", "mom", "oracle"]
+    policies = ["none", "static", "mom", "rescoin", "oracle"]  # none: what an unmanaged host costs
     with progress(console) as bar:
         tasks = {p: bar.add_task(p, total=trace.n_periods) for p in policies}
         result = simulate(trace, policies, SimSettings(overcommit=args.overcommit),
@@ -281,6 +289,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     _trace_args(s)
     s.add_argument("--policies", default=None, help=f"comma-separated; default all: {','.join(POLICIES)}")
     s.add_argument("--model", default=None, help="predictor model TOML (default models/default.toml)")
+    s.add_argument("--weights", type=_weights, default=None, metavar="W,W,...",
+                   help="per-VM weights, repeated over the VMs (e.g. 1,2,4); default all 1")
     s.add_argument("--seed", type=int, default=0, help="recorded in the output; the replay itself is deterministic")
     s.add_argument("--format", choices=("table", "json"), default="table")
     s.set_defaults(func=cmd_simulate)

@@ -23,6 +23,7 @@ class SimSettings:
     guard: GuardConfig = GuardConfig()
     model: str | None = None  # predictor model file for the policies that use the default one
     memory: MemoryModel = field(default_factory=MemoryModel)  # the simulator's memory rules, alike for all
+    weights: tuple[float, ...] | None = None  # per-VM weights, repeated over the VMs in trace order
 
 
 def parse_policies(text: str | Iterable[str] | None) -> list[str]:
@@ -41,6 +42,7 @@ def build_loop(trace, policy_name: str, settings: SimSettings, presence=None) ->
     parts = build(policy_name)
     # only the oracle is exempt from reclaim latency (it is the upper bound, bound by physics alone)
     host = SimHost(trace, overcommit=settings.overcommit, presence=presence, memory=settings.memory,
+                   weights=settings.weights,
                    exempt=parts.policy.needs_truth)
     if settings.model and recipe(policy_name).default_model:
         parts = parts.with_predictor(load_model(settings.model))

@@ -78,3 +78,16 @@ def test_padding_shows_as_padded_over_estimation_in_a_replay(kit):
     for res in ("cpu", "memory"):
         assert r[res]["padded_over_error"] > r[res]["over_error"]  # the padding is over the raw forecast
         assert r[res]["padded_under_error"] <= r[res]["under_error"]
+
+
+def test_simulated_weights_reach_the_weighted_worst_off(kit):
+    demand = np.zeros((20, 4, N_RES))
+    demand[:, :, CPU] = 2.0  # 8 cores wanted of 2
+    demand[:, :, MEMORY] = 100.0
+    trace = kit.trace(demand, np.tile([2.0, 1024.0, np.nan, np.nan], (4, 1)))
+    plain = run_policy(trace, "none", SimSettings(overcommit=4.0))["cpu"]
+    assert plain["weighted_worst_off"] is None
+    weighted = run_policy(trace, "none", SimSettings(overcommit=4.0, weights=(1.0, 3.0)))["cpu"]
+    # equal shares give each 0.5 core; the weighted fair shares are 0.25 and 0.75: the heavy VMs get 2/3
+    assert weighted["worst_off"] == pytest.approx(0.25)
+    assert weighted["weighted_worst_off"] == pytest.approx(np.percentile([1, 1, 2 / 3, 2 / 3], 5))
