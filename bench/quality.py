@@ -13,7 +13,7 @@ import json
 
 from common import load
 
-from rescoin.core.policies import POLICIES
+from rescoin.core.registry import POLICIES
 from rescoin.offline.simulate import SimSettings, simulate
 
 SLICES = {  # name: (vm_offset, vms, start_day, days)

@@ -12,7 +12,7 @@ import time
 
 from common import load
 
-from rescoin.core.policies import POLICIES
+from rescoin.core.registry import POLICIES
 from rescoin.offline.simulate import SimSettings, run_policy
 
 

@@ -46,7 +46,10 @@ class Libvirt:
         self.connected_once = False
 
     def connect(self) -> Any:
-        lv = libvirt_module()
+        try:
+            lv = libvirt_module()
+        except HostUnavailable as e:
+            raise HostUnavailable(f"cannot connect to {self.uri}: {e}") from None
         if self.conn is not None:
             try:
                 if self.conn.isAlive():
