@@ -135,6 +135,8 @@ class DaskRunner:
     def __enter__(self) -> DaskRunner:
         from distributed import Client, LocalCluster
 
+        # the scheduler of a LocalCluster runs in this process: its INFO lines are not the user's business
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         try:
             if self.address:
                 self._client = Client(self.address, timeout="5s")
