@@ -65,15 +65,23 @@ RECIPES: dict[str, Recipe] = {
     "rescoin": Recipe(RescoinPolicy, default_predictor, BalancePlacement, guard="rescoin"),
     "oracle": Recipe(OraclePolicy, _none),
 }
+#: rescoin with one part taken out, to measure what that part is worth; resolvable by name, not in the default order
+ABLATIONS: dict[str, Recipe] = {
+    "rescoin-nocredit": Recipe(lambda: RescoinPolicy(name="rescoin-nocredit", use_credits=False), default_predictor,
+                               BalancePlacement, guard="rescoin"),
+    "rescoin-nopin": Recipe(lambda: RescoinPolicy(name="rescoin-nopin"), default_predictor, _none, guard="rescoin"),
+}
 GUARDED = "+guard"  # suffix of a peer run with rescoin's guard
 
 
 def recipe(name: str) -> Recipe:
     """The recipe of a policy by name (``"<peer>+guard"`` too); an unknown name says which exist."""
+    if name in ABLATIONS:
+        return ABLATIONS[name]
     base = name[: -len(GUARDED)] if name.endswith(GUARDED) else name
     r = RECIPES.get(base)
     if r is None or (base != name and r.guard != "physical"):
-        known = ", ".join(RECIPES)
+        known = ", ".join([*RECIPES, *ABLATIONS])
         raise ValueError(f"unknown policy {name!r}; choose from {known} (or a peer with {GUARDED!r})")
     return replace(r, guard="rescoin") if base != name else r
 
@@ -93,4 +101,4 @@ def build(name: str) -> Components:
     return Components(r.policy(), r.predictor(), r.placement(), r.guard)
 
 
-__all__ = ["GUARDED", "Components", "POLICIES", "RECIPES", "Recipe", "build", "make_policy", "recipe"]
+__all__ = ["ABLATIONS", "GUARDED", "Components", "POLICIES", "RECIPES", "Recipe", "build", "make_policy", "recipe"]

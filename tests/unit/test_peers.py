@@ -122,3 +122,26 @@ def test_daemon_guard_is_rescoins_on_a_real_host(tmp_path, monkeypatch, uri, pro
         assert d.loop.guard.profile == profile
     finally:
         d._close_paths()
+
+
+def test_ablations_resolve_by_name_but_are_not_in_the_default_order(kit):
+    from rescoin.core.registry import ABLATIONS
+
+    for name in ABLATIONS:
+        assert name not in POLICIES and recipe(name).guard == "rescoin"
+        assert build(name).policy.name == name
+    assert build("rescoin-nopin").placement is None and build("rescoin").placement is not None
+    assert build("rescoin-nocredit").policy.use_credits is False and build("rescoin").policy.use_credits
+
+
+def test_without_credits_the_excess_follows_entitlements_not_coins(kit):
+    from rescoin.core.policies.rescoin import RescoinPolicy
+    from tests.unit.test_policies import cpu_input
+
+    # 10 cores, three 4-vCPU VMs (entitlement 10/3 each); VM 0 saved its entitlement, VM 1 spent beyond it
+    inp = cpu_input(kit, [4.0, 4.0, 4.0], [4.0, 4.0, 2.5], [[0.5, 4.0, 2.5]] * 5)
+    coins = RescoinPolicy().allocate(inp).amount[:, CPU]
+    plain = RescoinPolicy(use_credits=False).allocate(inp).amount[:, CPU]
+    assert coins[0] > coins[1] + 0.3  # the excess goes to the VM with coins
+    assert plain[0] == pytest.approx(plain[1])  # without credits: by (equal) entitlement
+    assert coins.sum() == pytest.approx(10.0) and plain.sum() == pytest.approx(10.0)

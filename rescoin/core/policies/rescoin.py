@@ -47,6 +47,7 @@ class RescoinPolicy:
     cap_net: bool = True  # net is scheduled as a capped resource ...
     cap_above: float = 0.8  # ... once forecast net demand passes this share of the link ...
     starved: float = 0.05  # ... and some VM below its entitlement shows this much unmet demand
+    use_credits: bool = True  # False: the excess is weighted by entitlement alone (the credits ablation)
 
     def allocate(self, inp: PolicyInput) -> Allocation:
         cap = inp.capacity
@@ -56,7 +57,7 @@ class RescoinPolicy:
         excess = est - base
         ac = credits(inp, self.window)
         combined = combined_credit(ac, self.norm)
-        credit = np.maximum(combined, 0.0)
+        credit = np.maximum(combined, 0.0) if self.use_credits else np.zeros_like(combined)
         weight = np.broadcast_to(credit[:, None], est.shape).copy()
         # with no coins anywhere, weight the excess by entitlement instead
         no_coins = weight.sum(axis=0) <= 0
