@@ -19,6 +19,7 @@ from rescoin.core.guard import GuardConfig
 from rescoin.core.options import opt
 from rescoin.errors import RescoinError
 from rescoin.hosts.config import MAX_MIB, HostConfig
+from rescoin.ops.balance_config import BalanceConfig, BalanceConfigError, default_lines, parse_balance
 
 DEFAULT_PATH = Path("/etc/rescoin/rescoin.toml")
 
@@ -83,6 +84,7 @@ class Config:
     agent: AgentConfig = AgentConfig()
     metrics: MetricsConfig = MetricsConfig()
     vm: dict = field(default_factory=dict)  # name or UUID -> VMConfig
+    balance: BalanceConfig = BalanceConfig()
 
     def for_vm(self, uuid: str, name: str) -> VMConfig:
         return self.vm.get(uuid) or self.vm.get(name) or VMConfig()
@@ -213,12 +215,17 @@ def parse(text: str, source: str = "<config>") -> Config:
         for key, table in data.items():
             if key in SECTIONS:
                 parts[key] = _section(key, SECTIONS[key], table)
+            elif key == "balance":
+                try:
+                    parts["balance"] = parse_balance(table)
+                except BalanceConfigError as e:
+                    raise ConfigError(str(e)) from None
             elif key == "vm":
                 if not isinstance(table, dict):
                     raise ConfigError("[vm] must hold tables like [vm.\"NAME-or-UUID\"]")
                 parts["vm"] = {str(k): _section(f"vm.{k}", VMConfig, v) for k, v in table.items()}
             else:
-                raise ConfigError(f"unknown section [{key}]; allowed: {', '.join(list(SECTIONS) + ['vm'])}")
+                raise ConfigError(f"unknown section [{key}]; allowed: {', '.join(list(SECTIONS) + ['vm', 'balance'])}")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return Config(**parts)
@@ -276,4 +283,5 @@ def default_text() -> str:
     for f in fields(VMConfig):
         doc, unit = _doc(VMConfig, f)
         out.append(f"# {f.name} = {_toml(f.default)}    # {doc}{f' ({unit})' if unit else ''}")
+    out += [""] + default_lines()
     return "\n".join(out) + "\n"

@@ -235,3 +235,43 @@ def test_commands_refuse_nan_and_infinity_in_one_error_line(argv, capsys):
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "finite" in err[0]
+
+
+# -- [balance] (issue 12 item 4) -------------------------------------------------------------------
+def test_balance_section_parses_and_gives_rules():
+    from rescoin.ops.balance_config import rules_from
+
+    cfg = parse('[balance]\nhosts = ["qemu+ssh://h1/system"]\nhold = 5\naffinity = [["web", "cache"]]\n'
+                'anti_affinity = [["db1", "db2"]]\npin = { db1 = ["h1"] }\nignore = ["x"]\nmaintenance = ["h3"]\n'
+                'reserve_mib = { default = 1024, h1 = 2048 }\n')
+    assert cfg.balance.hold == 5 and cfg.balance.margin == 0.1 and cfg.balance.hosts == ("qemu+ssh://h1/system",)
+    rules = rules_from(cfg.balance, ("h1", "h2"))
+    assert rules.affinity == (frozenset({"web", "cache"}),) and rules.pins == {"db1": frozenset({"h1"})}
+    assert rules.reserve_mib == {"h1": 2048.0, "h2": 1024.0} and rules.maintenance == {"h3"}
+    assert "# [balance]" in default_text() and "anti_affinity" in default_text()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[balance]\nanti_affinity = [['a']]", ["balance.anti_affinity[0]: a group needs at least two VMs"]),
+    ("[balance]\naffinity = [['a', 'b']]\nanti_affinity = [['a', 'b']]", ["balance.anti_affinity[0]", "a and b"]),
+    ("[balance]\npin = { db = [] }", ["balance.pin.db", "no hosts"]),
+    ("[balance]\nreserve_mib = { h1 = -1 }", ["balance.reserve_mib.h1", "at least 0"]),
+    ("[balance]\nholdd = 3", ["[balance] unknown key 'holdd'"]),
+    ("[balance]\nhold = 1.5", ["balance.hold", "whole number"]),
+    ("[balance]\ninterval = nan", ["balance.interval", "finite"]),
+])
+def test_bad_balance_values_name_the_key(text, words):
+    with pytest.raises(ConfigError) as e:
+        parse(text, "rescoin.toml")
+    msg = str(e.value)
+    assert msg.startswith("rescoin.toml:") and len(msg.splitlines()) == 1
+    for w in words:
+        assert w in msg, msg
+
+
+def test_config_check_validates_the_balance_section(tmp_path, capsys):
+    path = tmp_path / "rescoin.toml"
+    path.write_text("[balance]\nanti_affinity = [['a']]\n")
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "balance.anti_affinity[0]" in err[0]
