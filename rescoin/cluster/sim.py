@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from rescoin.cluster.balancers import build
 from rescoin.cluster.balancers.rescoin import Hindsight
 from rescoin.cluster.model import Balancer, ClusterState, HostInfo, Move, Rules, VmInfo
 from rescoin.core.resources import CPU, DISK, MEMORY, HostCapacity
-from rescoin.hosts.sim import PRESSURE_GAIN
+from rescoin.hosts.sim import PRESSURE_GAIN, SimHost
 from rescoin.offline.evaluate import Metrics
 from rescoin.offline.simulate import SimSettings, build_loop
 
@@ -47,7 +48,7 @@ def placement(mem_sizes: np.ndarray, shares: np.ndarray) -> np.ndarray:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterSettings:
     hosts: Sequence[float] = (1.0,) * 8  # relative sizes
     every: int = 1  # periods between balancer rounds
@@ -56,11 +57,16 @@ class ClusterSettings:
     policy: str = "rescoin"
 
 
+DEFAULTS = ClusterSettings()
+SIM_DEFAULTS = SimSettings()
+NO_RULES = Rules()
+
+
 class ClusterSim:
     """One balancer over one trace on N hosts."""
 
-    def __init__(self, trace, balancer: Balancer, settings: ClusterSettings = ClusterSettings(),
-                 sim: SimSettings = SimSettings(), rules: Rules = Rules()) -> None:
+    def __init__(self, trace, balancer: Balancer, settings: ClusterSettings = DEFAULTS,
+                 sim: SimSettings = SIM_DEFAULTS, rules: Rules = NO_RULES) -> None:
         self.trace, self.balancer, self.cs, self.rules = trace, balancer, settings, rules
         shares = np.asarray(settings.hosts, float) / float(np.sum(settings.hosts))
         self.names = [f"host{i}" for i in range(shares.size)]
@@ -69,14 +75,17 @@ class ClusterSim:
         self.at = placement(np.asarray(trace.sizes, float)[:, MEMORY], shares)
         running = np.isfinite(demand).any(axis=2)
         self.loops = []
+        self.hosts: list[SimHost] = []
         for h, share in enumerate(shares):
             loop = build_loop(trace, settings.policy, sim, running & (self.at == h)[None, :])
             host = loop.host
+            assert isinstance(host, SimHost)
             cap = host.capacity.capacity * share
             pcpus = max(1, int(round(cap[CPU])))
             cap[CPU] = float(pcpus)
             host._capacity = HostCapacity(name=self.names[h], capacity=cap, pcpus=pcpus)
             self.loops.append(loop)
+            self.hosts.append(host)
         self.running = running
         self.rng = np.random.default_rng(settings.seed)
         self.metrics = Metrics()
@@ -89,7 +98,7 @@ class ClusterSim:
         self.pending: dict[tuple[int, int], float] = {}  # (host, row) -> share of a period lost to downtime
         self.period = float(trace.period)
         self.periods = demand.shape[0]
-        self.uuids = self.loops[0].host.all_vms.uuids
+        self.uuids = self.hosts[0].all_vms.uuids
         self.row = {u: i for i, u in enumerate(self.uuids.tolist())}
 
     def run(self, on_period: Callable[[int], None] | None = None) -> dict:
@@ -140,7 +149,7 @@ class ClusterSim:
     def _round(self, t: int, steps) -> None:
         state = self.state(t, steps)
         if isinstance(self.balancer, Hindsight):
-            d = self.loops[0].host.demand[t + 1 : t + 1 + HORIZON]
+            d = self.hosts[0].demand[t + 1 : t + 1 + HORIZON]
             peak = np.nan_to_num(np.nanmax(np.where(np.isnan(d), -np.inf, d), axis=0), neginf=0.0)
             self.balancer.truth = {u: (float(peak[i, CPU]), float(peak[i, MEMORY]))
                                    for i, u in enumerate(self.uuids.tolist())}
@@ -153,7 +162,7 @@ class ClusterSim:
         """Carry one move out at the end of period ``t``; False (VM stays) when it fails."""
         r = self.row[move.vm]
         s, d = self.names.index(move.source), self.names.index(move.target)
-        src, dst = self.loops[s].host, self.loops[d].host
+        src, dst = self.hosts[s], self.hosts[d]
         work = src.demand[t, :, MEMORY]
         there = np.nan_to_num(work[dst.presence[t]]).sum()
         if (there + np.nan_to_num(work[r]) > dst.capacity.capacity[MEMORY]
@@ -190,14 +199,14 @@ class ClusterSim:
     def result(self) -> dict:
         m = self.metrics.result()
         days = max(self.n * self.periods * self.period / 86400.0, 1e-9)
-        out = {r: {k: m[r][k] for k in ("satisfaction", "violations", "worst_off")} for r in ("memory", "cpu")}
+        out: dict[str, Any] = {r: {k: m[r][k] for k in ("satisfaction", "violations", "worst_off")} for r in ("memory", "cpu")}
         out.update(migrations_per_vm_day=self.moves / days, migrated_gib=self.migrated_mib / 1024.0,
                    oscillations=self.oscillations)
         return out
 
 
-def simulate_cluster(trace, balancers: Sequence[str], settings: ClusterSettings = ClusterSettings(),
-                     sim: SimSettings = SimSettings(), on_period=None) -> dict:
+def simulate_cluster(trace, balancers: Sequence[str], settings: ClusterSettings = DEFAULTS,
+                     sim: SimSettings = SIM_DEFAULTS, on_period=None) -> dict:
     """Every balancer over the same trace and placement, in the CLI's JSON shape."""
     out = {}
     for name in balancers:

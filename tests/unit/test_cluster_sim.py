@@ -68,7 +68,7 @@ def test_a_migration_moves_memory_and_costs_downtime() -> None:
     vm_row = int(np.flatnonzero(sim.at == 0)[0])
     sim.run()
     assert b.told == [True]
-    assert not sim.loops[0].host.presence[1:, vm_row].any() and sim.loops[1].host.presence[1:, vm_row].all()
+    assert not sim.hosts[0].presence[1:, vm_row].any() and sim.hosts[1].presence[1:, vm_row].all()
     assert sim.result()["migrated_gib"] > 0
     assert sim.metrics.result()["cpu"]["satisfaction"] < 1.0  # the downtime cost it service
 
@@ -78,7 +78,7 @@ def test_a_failed_migration_leaves_the_vm_on_the_source() -> None:
     sim = ClusterSim(tiny_trace(), b, ClusterSettings(hosts=(1, 1), fail_p=1.0), SimSettings(overcommit=1.0))
     row = int(np.flatnonzero(sim.at == 0)[0])
     sim.run()
-    assert b.told == [False] and sim.loops[0].host.presence[:, row].all() and sim.moves == 0
+    assert b.told == [False] and sim.hosts[0].presence[:, row].all() and sim.moves == 0
 
 
 def test_moving_back_within_an_hour_is_an_oscillation() -> None:
