@@ -199,7 +199,8 @@ class ClusterSim:
     def result(self) -> dict:
         m = self.metrics.result()
         days = max(self.n * self.periods * self.period / 86400.0, 1e-9)
-        out: dict[str, Any] = {r: {k: m[r][k] for k in ("satisfaction", "violations", "worst_off")} for r in ("memory", "cpu")}
+        keys = ("satisfaction", "violations", "worst_off")
+        out: dict[str, Any] = {r: {k: m[r][k] for k in keys} for r in ("memory", "cpu")}
         out.update(migrations_per_vm_day=self.moves / days, migrated_gib=self.migrated_mib / 1024.0,
                    oscillations=self.oscillations)
         return out
