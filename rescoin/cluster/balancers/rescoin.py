@@ -68,7 +68,7 @@ class RescoinBalancer:
 
     def _one(self, state: ClusterState, rules: Rules, loads: Loads, src: str, need: float, fc) -> Move | None:
         vms = [v for v in candidates(state, rules, src, state.now)
-               if state.now - self.last.get(v.uuid, -np.inf) >= self.window and len(group_of(v.name, rules)) == 1]
+               if state.now - self.last.get(v.uuid, -np.inf) > self.window and len(group_of(v.name, rules)) == 1]
         if not vms:
             return None
         cost = np.array([v.mem_used * duration_s(v, state.link_mib_s) / max(v.mem_used / state.link_mib_s, 1e-9)
