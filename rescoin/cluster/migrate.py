@@ -109,6 +109,24 @@ def _find(lv: Libvirt, uuid: str):
         return None
 
 
+def host_local_paths(xml: str, source: str, target: str) -> str | None:
+    """The domain XML for the target with host-local paths renamed (None = nothing to rename).
+
+    A channel socket or a console log under a directory named after the source
+    host (``.../<source>/...``, as the lab cluster lays them out) moves to the
+    same place under the target's name, so the two QEMUs never share a socket.
+    """
+    root = ET.fromstring(xml)
+    changed = False
+    for el in root.iterfind("devices/*/source[@path]"):
+        path = el.get("path", "")
+        if f"/{source}/" in path:
+            el.set("path", path.replace(f"/{source}/", f"/{target}/"))
+            changed = True
+    return ET.tostring(root, encoding="unicode") if changed else None
+
+
+DestXml = Callable[[str, str, str], "str | None"]
 Precheck = Callable[[Move, ClusterState, Rules], str | None]
 
 
@@ -158,13 +176,14 @@ class Executor:
     """Runs moves one at a time and counts their outcomes (for the metrics and the log)."""
 
     def __init__(self, hosts: Hosts, shared_disks: bool = True, timeout: float = 120.0,
-                 prechecks: tuple[Precheck, ...] = (room_check, rules_check), dest_xml=None) -> None:
+                 prechecks: tuple[Precheck, ...] = (room_check, rules_check),
+                 dest_xml: DestXml | None = host_local_paths) -> None:
         self.hosts = hosts
         libvirt_module().registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions
         self.shared_disks = shared_disks
         self.timeout = timeout
         self.prechecks = prechecks
-        self.dest_xml = dest_xml  # (xml, target host) -> xml with host-local paths rewritten, or None
+        self.dest_xml = dest_xml  # (xml, source, target) -> the target's XML, or None to keep it
         self.counts: Counter[str] = Counter()
         self.seconds: list[float] = []
 
@@ -217,7 +236,7 @@ class Executor:
         params: dict = {}
         if self.dest_xml is not None:
             ok, xml = src.call("XMLDesc", move.name, dom.XMLDesc, m.VIR_DOMAIN_XML_MIGRATABLE)
-            if ok and (new := self.dest_xml(xml, move.target)):
+            if ok and (new := self.dest_xml(xml, move.source, move.target)):
                 params[m.VIR_MIGRATE_PARAM_DEST_XML] = new
                 params[m.VIR_MIGRATE_PARAM_PERSIST_XML] = new
         peer = self.hosts.peer.get(move.target, self.hosts.uris[move.target])

@@ -371,14 +371,3 @@ def cluster_status() -> list[dict]:
         out.append(row)
     return out
 
-
-def dest_xml_for(state: dict):
-    """A rewrite of a migrating domain's XML: agent socket and console log moved to the target host's paths."""
-    def rewrite(xml: str, target: str) -> str:
-        t = host_of(state, target)
-        for h in state["hosts"]:
-            if h["name"] != target:
-                xml = xml.replace(f"{h['sockets']}/", f"{t['sockets']}/")
-                xml = xml.replace(f"{h['dir']}/log/", f"{t['dir']}/log/")
-        return xml
-    return rewrite
