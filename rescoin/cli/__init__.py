@@ -382,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from rescoin.cli.agent import add_agent_parser
     from rescoin.cli.analyze import add_analyze_parser
+    from rescoin.cli.balance import add_balance_parser
     from rescoin.cli.density import add_density_parser
     from rescoin.cli.fit import add_fit_parser
     from rescoin.cli.lab import add_lab_parser
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_parser(sub)
     add_density_parser(sub)
     add_sweep_parser(sub)
+    add_balance_parser(sub)
     return p
 
 

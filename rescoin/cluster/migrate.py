@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rescoin.cluster.model import ClusterState, Move, Rules
+from rescoin.cluster.rules import allowed_targets
 from rescoin.errors import RescoinError
 from rescoin.hosts.libvirt.connection import HostUnavailable, Libvirt, libvirt_module
 
@@ -95,6 +96,9 @@ def write_credits(lv: Libvirt, dom, credits: tuple[float, ...]) -> bool:
 
 def read_credits(lv: Libvirt, dom) -> tuple[float, ...]:
     m = libvirt_module()
+    ok, xml = lv.call("XMLDesc", dom.name(), dom.XMLDesc, 0, default="")
+    if not (ok and CREDITS_NS in xml):  # never written: no ledger yet (not an error)
+        return ()
     ok, text = lv.call("metadata", dom.name(), dom.metadata, m.VIR_DOMAIN_METADATA_ELEMENT, CREDITS_NS, 0)
     return parse_credits(text) if ok else ()
 
@@ -150,26 +154,11 @@ def room_check(move: Move, state: ClusterState, rules: Rules) -> str | None:
 
 
 def rules_check(move: Move, state: ClusterState, rules: Rules) -> str | None:
-    """Why the rules forbid the move now (None = allowed); c-score's ``allowed_targets`` when present."""
+    """Why the rules forbid the move now (None = allowed): the shared ``allowed_targets``."""
     vm = next((v for v in state.vms if v.uuid == move.vm), None)
-    if vm is None:
+    if vm is None or move.target in allowed_targets(vm, state, rules):
         return None
-    try:
-        from rescoin.cluster.rules import allowed_targets  # c-score's module; guarded until merged
-    except ImportError:
-        allowed_targets = None
-    if allowed_targets is not None:
-        return None if move.target in allowed_targets(vm, state, rules) else f"rules forbid {move.target}"
-    if vm.name in rules.ignore:
-        return f"{vm.name} is ignored"
-    pins = rules.pins.get(vm.name)
-    if pins is not None and move.target not in pins:
-        return f"{vm.name} is pinned to {', '.join(sorted(pins))}"
-    there = {v.name for v in state.on(move.target)}
-    for group in rules.anti_affinity:
-        if vm.name in group and there & (group - {vm.name}):
-            return f"anti-affinity with {', '.join(sorted(there & group))} on {move.target}"
-    return None
+    return f"rules forbid {move.target} for {vm.name}"
 
 
 class Executor:
