@@ -64,7 +64,8 @@ def _balancer(args: argparse.Namespace):
 
 def _outcomes(outcomes) -> int:
     for o in outcomes:
-        print(f"{o.move.name}: {o.move.source} -> {o.move.target}: {o.outcome} in {o.seconds:.2f} s"
+        down = f", downtime {o.downtime_ms:.0f} ms" if o.downtime_ms is not None else ""
+        print(f"{o.move.name}: {o.move.source} -> {o.move.target}: {o.outcome} in {o.seconds:.2f} s{down}"
               f"{' (' + o.detail + ')' if o.detail else ''}")
     return 0 if all(o.ok for o in outcomes) else 1
 

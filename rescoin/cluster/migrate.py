@@ -45,6 +45,7 @@ class Outcome:
     outcome: str  # one of OUTCOMES
     detail: str = ""
     seconds: float = 0.0
+    downtime_ms: float | None = None  # the target's completed-job figure, when libvirt gives it
 
     @property
     def ok(self) -> bool:
@@ -180,9 +181,10 @@ class Executor:
         self.counts[out.outcome] += 1
         if out.ok:
             self.seconds.append(out.seconds)
-        log.log(logging.INFO if out.ok else logging.WARNING, "migration %s %s -> %s: %s%s (%.2f s)",
+        down = f", downtime {out.downtime_ms:.0f} ms" if out.downtime_ms is not None else ""
+        log.log(logging.INFO if out.ok else logging.WARNING, "migration %s %s -> %s: %s%s (%.2f s%s)",
                 out.move.name, out.move.source, out.move.target, out.outcome,
-                f" ({out.detail})" if out.detail else "", out.seconds)
+                f" ({out.detail})" if out.detail else "", out.seconds, down)
         return out
 
     def precheck(self, move: Move, state: ClusterState, rules: Rules) -> str | None:
@@ -240,7 +242,19 @@ class Executor:
         seconds = time.monotonic() - t0
         if problem := self.verify(move):
             return self._done(Outcome(move, "unverified", problem, seconds))
-        return self._done(Outcome(move, "ok", f"{move.target} has it running and persistent", seconds))
+        return self._done(Outcome(move, "ok", f"{move.target} has it running and persistent", seconds,
+                                  self.downtime_ms(move)))
+
+    def downtime_ms(self, move: Move) -> float | None:
+        """The guest's pause as the target's completed migration job measured it (None = not known)."""
+        dst = self.hosts.lv(move.target)
+        dom = _find(dst, move.vm)
+        if dom is None:
+            return None
+        ok, stats = dst.call("jobStats", move.name, dom.jobStats,
+                             libvirt_module().VIR_DOMAIN_JOB_STATS_COMPLETED, default={})
+        value = stats.get("downtime") if ok else None
+        return float(value) if value is not None else None
 
     def verify(self, move: Move) -> str | None:
         """Read the result back from both daemons: running and persistent on the target, gone from the source."""
