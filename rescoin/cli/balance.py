@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import signal
 import sys
@@ -155,8 +157,6 @@ def add_balance_parser(sub) -> None:
     best.add_argument("--vcpus", type=int, required=True)
     best.add_argument("--memory", type=float, required=True, metavar="MIB")
     best.set_defaults(func=cmd_best_node)
-    try:
-        from rescoin.cli.balance_sim import add_simulate_parser  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
-    add_simulate_parser(actions)
+    # c-sim's `balance simulate`, when that branch is merged (one fixed module name, not a plugin lookup)
+    if importlib.util.find_spec("rescoin.cli.balance_sim") is not None:
+        importlib.import_module("rescoin.cli.balance_sim").add_simulate_parser(actions)
