@@ -9,21 +9,32 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from rescoin.errors import UserError
 
 
-def _rules(args: argparse.Namespace):
+def _balance_config(args: argparse.Namespace):
+    """The ``[balance]`` section of ``--config`` (c-score's parser), or None without ``--config``."""
+    if not args.config:
+        return None
+    if importlib.util.find_spec("rescoin.ops.balance_config") is None:
+        raise UserError("--config needs the [balance] section parser (rescoin.ops.balance_config, branch c-score)")
+    import tomllib
+
+    try:
+        table = tomllib.loads(Path(args.config).read_text(encoding="utf-8")).get("balance", {})
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read {args.config}: {e}") from None
+    return importlib.import_module("rescoin.ops.balance_config").parse_balance(table)
+
+
+def _rules(args: argparse.Namespace, cfg=None):
     """The rules from ``--config``'s [balance] section, else from the command line."""
     from rescoin.cluster.model import Rules
 
-    if args.config:
-        try:
-            from rescoin.cluster.rules import rules_from  # type: ignore[attr-defined,unused-ignore]
-            from rescoin.ops.config import load
-        except ImportError:
-            raise UserError("--config needs the [balance] section support (branch c-score)") from None
-        return rules_from(load(args.config))
+    if cfg is not None:
+        return importlib.import_module("rescoin.ops.balance_config").rules_from(cfg)
     reserve = {}
     for item in args.reserve or []:
         host, _, mib = item.partition("=")
@@ -51,10 +62,12 @@ def _cluster(args: argparse.Namespace):
     from rescoin.cluster.balance import Cluster
     from rescoin.ops.metrics import ClusterMetrics
 
-    if not args.hosts:
+    cfg = _balance_config(args)
+    uris = args.hosts.split(",") if args.hosts else list(cfg.hosts if cfg is not None else ())
+    if not uris:
         raise UserError("name the hosts: --hosts URI,URI (or --config with a [balance] section)")
     metrics = ClusterMetrics(args.metrics) if getattr(args, "metrics", None) else None
-    return Cluster.open(args.hosts.split(","), _rules(args), _capacity(args), metrics)
+    return Cluster.open(uris, _rules(args, cfg), _capacity(args), metrics)
 
 
 def _balancer(args: argparse.Namespace):
