@@ -84,6 +84,68 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from rescoin.lab import cluster
+
+    t0 = time.monotonic()
+    state = cluster.cluster_up(args.hosts, args.vms, memory_mib=args.memory, max_memory_mib=args.max_memory,
+                               loads=args.load or None, progress=_stderr)
+    print(f"lab cluster up in {time.monotonic() - t0:.1f} s")
+    for h in state["hosts"]:
+        print(f"{h['name']:<12} {h['addr']:<10} {h['uri']}")
+    print(f"balance with: rescoin balance plan --hosts {','.join(h['uri'] for h in state['hosts'])}")
+    print("remove with: rescoin lab cluster down")
+    return 0
+
+
+def cmd_cluster_down(_args: argparse.Namespace) -> int:
+    from rescoin.lab import cluster
+
+    t0 = time.monotonic()
+    n = cluster.cluster_down()
+    print(f"removed {n} lab host(s) in {time.monotonic() - t0:.1f} s" if n else "no lab cluster is up")
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from rescoin.lab import cluster
+
+    rows = cluster.cluster_status()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no lab cluster is up (start it with: rescoin lab cluster up)")
+        return 0
+    for h in rows:
+        print(f"{h['name']} {h['addr']} {'up' if h['up'] else 'DOWN'}  {h['uri']}")
+        for v in h["vms"]:
+            print(f"  {v['name']:<16} {'running' if v['running'] else 'stopped':<8} {v['memory_mib']:>5} MiB"
+                  f"  {'persistent' if v['persistent'] else 'transient'}")
+    return 0
+
+
+def _add_cluster_parser(actions) -> None:
+    cl = actions.add_parser("cluster", help="two real libvirt hosts on this machine (namespaces, own daemons)",
+                            description="Two libvirt hosts on this one machine, each in network, mount, uts "
+                                        "and cgroup namespaces of its own with its own libvirtd and virtlogd "
+                                        "(10.77.0.1 and 10.77.0.2), for live migration tests.")
+    sub = cl.add_subparsers(dest="cluster_action", metavar="ACTION")
+    cl.set_defaults(func=lambda _args: (cl.print_help(sys.stderr), 2)[1])
+    up = sub.add_parser("up", help="start the lab hosts and N guests on the first")
+    up.add_argument("--hosts", type=int, default=2, help="how many hosts (2)")
+    up.add_argument("--vms", type=int, default=0, help="guests to start on the first host (default 0)")
+    up.add_argument("--memory", type=int, default=256, metavar="MiB", help="initial balloon size (default 256)")
+    up.add_argument("--max-memory", type=int, default=384, metavar="MiB", help="maximum memory (default 384)")
+    up.add_argument("--load", action="append", metavar="SPEC", help="load of guest i (repeat; default idle)")
+    up.set_defaults(func=_cli(cmd_cluster_up))
+    down = sub.add_parser("down", help="remove every namespace, daemon, cgroup and file the lab cluster made")
+    down.set_defaults(func=_cli(cmd_cluster_down))
+    st = sub.add_parser("status", help="the lab hosts and their VMs")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=_cli(cmd_cluster_status))
+
+
 def add_lab_parser(subparsers) -> None:
     """Add ``lab up|down|status|image`` to an argparse sub-parser set; each
     action sets ``func`` (args -> exit code; errors print one line and give 2)."""
@@ -138,3 +200,4 @@ def add_lab_parser(subparsers) -> None:
     image.add_argument("--agent", metavar="PATH", help="guest agent script to put in the image "
                                                        "(default guest_agent/rescoin_agent.py)")
     image.set_defaults(func=_cli(cmd_image))
+    _add_cluster_parser(actions)

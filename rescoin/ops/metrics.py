@@ -177,3 +177,26 @@ class Metrics:
             self._server.close()
             self._server = None
         self.listen = None
+
+
+class ClusterMetrics:
+    """The cluster balancer's series: migrations by outcome, their wall time, moves planned."""
+
+    def __init__(self, listen: str | None = None) -> None:
+        self.registry = r = CollectorRegistry()
+        self.migrations = Counter("rescoin_migrations", "live migrations by outcome", ["outcome"], registry=r)
+        self.migration_seconds = Histogram("rescoin_migration_seconds", "wall time of a successful migration",
+                                           registry=r, buckets=(0.5, 1, 2, 3, 5, 10, 30, 60, 120))
+        self.planned = Counter("rescoin_moves_planned", "moves the balancer proposed", registry=r)
+        self.rounds = Counter("rescoin_balance_rounds", "balancer rounds", registry=r)
+        self._server: MetricsServer | None = start_server(listen, r) if listen else None
+
+    def migrated(self, outcome: str, seconds: float) -> None:
+        self.migrations.labels(outcome).inc()
+        if outcome == "ok":
+            self.migration_seconds.observe(seconds)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
