@@ -35,6 +35,10 @@ RESOURCES: tuple[Resource, ...] = tuple(Resource)
 N_RES = len(RESOURCES)
 CPU, MEMORY, DISK, NET = (int(r) for r in RESOURCES)
 
+#: the service objective's line: a VM granted less than this share of its demand in a period is
+#: in violation (scored by rescoin.offline.evaluate, aimed at by the oracle)
+VIOLATION = 0.95
+
 #: unit of each resource column, for tables, CSV and the config reference
 UNITS: dict[Resource, str] = {
     Resource.CPU: "cores",

@@ -15,10 +15,9 @@ from rescoin.core import kinds
 from rescoin.core.arrays import fillnan
 from rescoin.core.history import History
 from rescoin.core.loop import Step
-from rescoin.core.resources import MEMORY, N_RES, RESOURCES
+from rescoin.core.resources import MEMORY, N_RES, RESOURCES, VIOLATION
 from rescoin.core.sharing import water_fill_columns
 
-VIOLATION = 0.95  # granted below this share of demand is a violation
 BREACH_TOL = 1e-3  # relative slack before "less than min(demand, entitlement)" counts ...
 #: ... plus an absolute one per resource, the resolution of the controls
 #: (cpu.shares are integers: 1/1024 of a core per share; balloons move in pages)

@@ -5,9 +5,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rescoin.core.policies.peers import max_min_ratio
+from rescoin.core.policies.peers import max_min_ratio, threshold_first
 from rescoin.core.registry import POLICIES
-from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET
+from rescoin.core.resources import CPU, DISK, MEMORY, N_RES, NET, VIOLATION
 from rescoin.offline.simulate import SimSettings, build_loop, run_policy
 
 NAN = np.nan
@@ -43,6 +43,32 @@ def test_max_min_ratio_is_feasible_and_beats_any_feasible_allocation(inst):
         extra = (a - floor).sum(axis=0)
         a = floor + (a - floor) * np.where(over > 0, np.clip(1 - over / np.maximum(extra, 1e-12), 0, 1), 1.0)
         assert np.all(ratio(g, demand) >= ratio(a, demand) - 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances())
+def test_threshold_first_brings_at_least_as_many_vms_to_the_line_as_max_min(inst):
+    """The oracle's violations: never more VMs under the line than plain max-min, same floors, same capacity."""
+    demand, ent, cap, _ = inst
+    floor = np.minimum(demand, ent)
+    raised = threshold_first(demand, floor, cap)
+    assert np.all(raised >= floor - 1e-12) and np.all(raised <= demand + 1e-9)
+    assert np.all(raised.sum(axis=0) <= np.maximum(cap, floor.sum(axis=0)) + 1e-9)
+    g = max_min_ratio(demand, raised, cap)
+    plain = max_min_ratio(demand, floor, cap)
+    assert np.all(g >= floor - 1e-9)
+    np.testing.assert_allclose(g.sum(axis=0), plain.sum(axis=0), rtol=1e-9, atol=1e-9)
+    under = lambda a: ((a < VIOLATION * demand - 1e-9) & (demand > 0)).sum(axis=0)  # noqa: E731
+    assert np.all(under(g) <= under(plain))
+
+
+def test_threshold_first_serves_the_worst_off_so_far_first():
+    """Room for one VM at the line: it goes to the VM with the lower cumulative ratio."""
+    demand = np.array([[10.0], [10.0]])
+    floor = np.zeros((2, 1))
+    got, wanted = np.array([[90.0], [50.0]]), np.array([[100.0], [100.0]])
+    raised = threshold_first(demand, floor, np.array([12.0]), got, wanted)
+    np.testing.assert_allclose(raised[:, 0], [0.0, 9.5], rtol=1e-6)
 
 
 def contended_trace(kit, periods=20, n=6, seed=11):
