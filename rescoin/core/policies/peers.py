@@ -207,7 +207,7 @@ def threshold_first(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray,
     d = np.maximum(demand, 0.0)
     f = np.minimum(np.maximum(floor, 0.0), d)
     cap = np.asarray(capacity, dtype=float)
-    out = f.copy()
+    out: np.ndarray = f.copy()
     need = np.maximum(VIOLATION * d - f, 0.0) * (1.0 + 1e-9)
     g0 = np.zeros_like(d) if got is None else got
     w0 = np.zeros_like(d) if wanted is None else wanted
