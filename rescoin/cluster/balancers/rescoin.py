@@ -1,7 +1,9 @@
 """The ``rescoin`` balancer: host first, TOPSIS/AHP on forecasts, a move only when its gain beats its cost.
 
-A host is a problem only when it cannot serve its VMs: its forecast memory
-(plus reserve) is over its capacity, or its VMs report unserved demand. The
+A host is a problem only when it cannot serve its VMs: its VMs report
+unserved demand or the host reports contention; how much it must shed is
+the larger of that unserved demand and its forecast memory (plus reserve)
+over its capacity. A host that is full but serves every VM is left alone. The
 problem must persist ``hold`` rounds. Candidates on a problem host are ranked
 by TOPSIS with AHP weights (unserved demand and relief up, migration cost down);
 the target by TOPSIS over the cluster after the move, in shares of each host's
@@ -45,7 +47,9 @@ class RescoinBalancer:
             unserved[loads.index[v.host]] += v.mem_unserved
         over = loads.memu + loads.reserve - self.headroom * loads.mem
         contention = np.array([h.contention for h in state.hosts])
-        return np.maximum(np.maximum(over, 0.0), np.where(contention > 0, unserved, 0.0))
+        # host first: a forecast overload counts only on a host that already fails to serve a VM
+        troubled = (contention > 0) | (unserved > 0)
+        return np.where(troubled, np.maximum(np.maximum(over, 0.0), unserved), 0.0)
 
     def plan(self, state: ClusterState, rules: Rules) -> list[Move]:
         cpu, mem = self.forecasts(state)
