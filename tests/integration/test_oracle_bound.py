@@ -8,7 +8,8 @@ import pytest
 from rescoin.offline.simulate import DEFAULT_POLICIES, SimSettings, simulate
 
 TRACE = Path("/work/shared/traces/bitbrains_rnd")
-SLICES = [(off, oc) for off in (0, 100) for oc in (1.5, 3.0, {"cpu": 4.0, "memory": 2.0})]
+FACTORS = (1.5, 3.0, {"cpu": 4.0, "memory": 2.0}, {"cpu": 6.0, "memory": 1.0}, {"cpu": 8.0, "memory": 1.0})
+SLICES = [(off, oc) for off in (0, 100) for oc in FACTORS]
 
 
 @pytest.mark.slow
@@ -26,3 +27,21 @@ def test_no_policy_beats_the_oracle(offset, overcommit):
             assert m[r]["satisfaction"] <= o[r]["satisfaction"] + 1e-9, (name, r)
             assert m[r]["worst_off"] <= o[r]["worst_off"] + 1e-9, (name, r)
             assert m[r]["violations"] >= o[r]["violations"] - 1e-9, (name, r)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRACE.is_dir(), reason="the shared trace is not on this machine")
+@pytest.mark.parametrize("cpu", [6.0, 8.0])
+def test_the_oracle_bounds_cpu_violations_where_cpu_is_short(cpu):
+    """100 VMs of the evaluation part at CPU 6:1 and 8:1: the old oracle had more CPU violations than ``none``."""
+    from rescoin.offline.traces import load_trace
+
+    trace = load_trace(str(TRACE), vms=100, vm_offset=175, days=2, start_day=15)
+    res = simulate(trace, ["none", "static", "mom", "drf", "oracle"],
+                   SimSettings(overcommit={"cpu": cpu, "memory": 1.0}))["policies"]
+    o = res["oracle"]["cpu"]
+    assert o["violations"] > 0.0, "CPU was not short: the test shows nothing"
+    for name, m in res.items():
+        assert m["cpu"]["violations"] >= o["violations"] - 1e-9, name
+        assert m["cpu"]["worst_off"] <= o["worst_off"] + 1e-9, name
+        assert m["cpu"]["satisfaction"] <= o["satisfaction"] + 1e-9, name
