@@ -5,8 +5,9 @@ What each field is made of (rates need two rounds: the first round gives 0):
 * ``HostInfo.cpus``, ``memory_mib``: ``getInfo()`` (CPUs, node memory), capped by
   ``capacity`` when given (as the host daemon's ``memory_mib`` caps what VMs share).
 * ``HostInfo.contention``: the share of its VMs' wanted memory and CPU the host
-  could not give: ``max(sum mem_unserved / sum mem_forecast, sum cpu_unserved / cpus)``,
-  clipped to [0, 1].
+  could not give: ``max(sum mem_unserved / sum mem_forecast, sum cpu_unserved / cpus,
+  (sum mem_used + reserve - memory) / sum mem_used)``, clipped to [0, 1]; the
+  last is resident memory past what the host has (it swaps, or would).
 * ``VmInfo.vcpus``: ``vcpu.current``; ``memory_mib``: ``balloon.maximum``.
 * ``cpu_used``: the rate of ``cpu.time`` (cores); ``cpu_forecast``: the same
   (the collector does not forecast; the host daemon's forecasts are not read here).
@@ -82,6 +83,16 @@ def vm_figures(stats: dict, report: AgentReport | None) -> dict[str, float]:
             "mem_unserved": max(0.0, forecast - current) + pressure}
 
 
+def contention(vms: list[VmInfo], cpus: float, mem: float, reserve: float) -> float:
+    """The share of what a host's VMs want that it cannot give, in [0, 1] (see the module doc)."""
+    wanted = sum(v.mem_forecast for v in vms)
+    resident = sum(v.mem_used for v in vms)
+    share = max(sum(v.mem_unserved for v in vms) / wanted if wanted else 0.0,
+                sum(v.cpu_unserved for v in vms) / cpus if cpus else 0.0,
+                max(0.0, resident + reserve - mem) / resident if resident else 0.0)
+    return min(1.0, share)
+
+
 @dataclass
 class Collector:
     """The cluster's hosts by name, each behind its URI; ``collect()`` gives one ClusterState per round."""
@@ -136,12 +147,9 @@ class Collector:
         endpoints = {u: f"unix:{p}" for u, p in sockets.items() if p}
         reports = AgentClient(timeout=self.agent_timeout).query(endpoints) if endpoints else {}
         vms = [self._vm(name, lv, dom, stats, reports.get(dom.UUIDString()), now) for dom, stats in doms]
-        unserved_mem = sum(v.mem_unserved for v in vms)
-        wanted_mem = sum(v.mem_forecast for v in vms)
-        contention = max(unserved_mem / wanted_mem if wanted_mem else 0.0,
-                         sum(v.cpu_unserved for v in vms) / cpus if cpus else 0.0)
+        reserve = self.reserve_mib.get(name, 0.0)
         host = HostInfo(name=name, cpus=cpus, memory_mib=mem, uri=self.uris[name],
-                        reserve_mib=self.reserve_mib.get(name, 0.0), contention=min(1.0, contention))
+                        reserve_mib=reserve, contention=contention(vms, cpus, mem, reserve))
         return host, vms
 
     def _vm(self, host: str, lv: Libvirt, dom, stats: dict, report: AgentReport | None, now: float) -> VmInfo:

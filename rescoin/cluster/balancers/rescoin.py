@@ -129,4 +129,6 @@ class Hindsight(RescoinBalancer):
 
     def forecasts(self, state: ClusterState) -> tuple[np.ndarray, np.ndarray]:
         got = [self.truth.get(v.uuid, (v.cpu_used, v.mem_used)) for v in state.vms]
-        return np.array([g[0] for g in got], float), np.array([g[1] for g in got], float)
+        # the future working set, but never below what is resident now: a VM arrives with its footprint
+        mem = np.array([max(g[1], v.mem_used) for g, v in zip(got, state.vms, strict=True)], float)
+        return np.array([g[0] for g in got], float), mem
