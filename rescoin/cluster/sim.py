@@ -10,8 +10,8 @@ A balancer round runs every ``every`` periods on a ClusterState built from
 what the hosts report (usage, resident memory, the loop's padded forecasts,
 unserved demand estimated from PSI/steal, never the true demand). A move ends
 within the period (duration is seconds, the period 300 s): presence flips from
-the next period, the footprint on arrival is the VM's resident memory on the
-source (not a fresh boot), and the VM loses ``downtime / period`` of its
+the next period, the footprint and balloon target on arrival are the VM's
+on the source (not a fresh boot: the balloon is guest state), and the VM loses ``downtime / period`` of its
 service in the period it moves. A move fails, leaving the VM on the source,
 when the target's working sets plus the VM's exceed its memory, or at random
 with ``fail_p``. Only ``hindsight`` is given the true future demand.
@@ -173,6 +173,7 @@ class ClusterSim:
         dst.presence[t + 1 :, r] = self.running[t + 1 :, r]
         if src.footprints is not None and dst.footprints is not None:
             dst.footprints.f[r] = src.footprints.f[r]  # arrives with its resident memory, not a fresh boot
+        dst.controls.balloon[r] = src.controls.balloon[r]  # the guest's inflated balloon is guest state: it travels
         self.downtime_loss(d, r, migration.downtime_s(vm, state.link_mib_s))
         now = state.now
         if any(h == move.target and now - when <= OSCILLATION_S for when, h in self.left.get(r, [])):
