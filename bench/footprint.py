@@ -137,12 +137,12 @@ class Guest:
                     raise
 
 
-def overlay_initrd(base: Path, out: Path) -> None:
-    """The lab initrd plus a second archive whose loadgen.py is the footprint helper
+def overlay_initrd(base: Path, out: Path, script: Path = GUEST_SCRIPT) -> None:
+    """The lab initrd plus a second archive whose loadgen.py is ``script`` (the footprint helper)
     (the kernel unpacks concatenated archives in order; later files win)."""
     raw = io.BytesIO()
     cpio = Cpio(raw)
-    cpio.file("opt/rescoin/loadgen.py", GUEST_SCRIPT.read_bytes(), 0o755)
+    cpio.file("opt/rescoin/loadgen.py", script.read_bytes(), 0o755)
     cpio.close()
     out.write_bytes(base.read_bytes() + gzip.compress(raw.getvalue(), mtime=0))
 
@@ -154,12 +154,12 @@ def random_disk(path: Path, mib: int) -> None:
             f.write(os.urandom(MIB))
 
 
-def with_channel(xml: str, sock: Path, free_page_reporting: bool = False) -> str:
+def with_channel(xml: str, sock: Path, free_page_reporting: bool = False, port: str = PORT) -> str:
     """The lab domain plus the footprint port (and, if asked, free page reporting on the balloon)."""
     if free_page_reporting:
         xml = xml.replace("<memballoon model='virtio'>", "<memballoon model='virtio' freePageReporting='on'>")
     chan = (f"    <channel type='unix'>\n      <source mode='bind' path='{sock}'/>\n"
-            f"      <target type='virtio' name='{PORT}'/>\n    </channel>\n")
+            f"      <target type='virtio' name='{port}'/>\n    </channel>\n")
     return xml.replace("    <memballoon", chan + "    <memballoon", 1)
 
 

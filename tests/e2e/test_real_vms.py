@@ -167,13 +167,23 @@ def test_growing_guest_gets_memory_and_idle_guest_is_reclaimed(conn, vms, daemon
     assert balloon_mib(conn, idle) < 480
 
 
-def test_busy_vcpus_apart_and_shares_follow_allocation(conn, vms, daemon):
-    def busy_apart():
+def test_busy_vcpus_never_share_one_pcpu_and_shares_follow_allocation(conn, vms, daemon):
+    """Both busy guests put on pCPU 0 behind rescoin's back: it floats them (the host may run short:
+    forecast load past 0.75 of the pCPUs, bench/pinning.py) or pins them apart, never leaves them stuck."""
+    pcpus = conn.getInfo()[2]
+    only0 = tuple(k == 0 for k in range(pcpus))
+    for n in NAMES[1:3]:
+        dom(conn, n).pinVcpuFlags(0, only0, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def unstuck():
         p1 = dom(conn, NAMES[1]).vcpuPinInfo(0)[0]
         p2 = dom(conn, NAMES[2]).vcpuPinInfo(0)[0]
-        return not all(p1) and not all(p2) and not any(a and b for a, b in zip(p1, p2, strict=False))
+        floating = all(p1) and all(p2)
+        apart = not any(a and b for a, b in zip(p1, p2, strict=False))
+        return ("floating" if floating else "apart") if floating or apart else None
 
-    wait_for("busy vCPUs pinned to different pCPUs", busy_apart, timeout=90)
+    how = wait_for("busy vCPUs no longer sharing pCPU 0 alone", unstuck, timeout=90)
+    print(f"\nbusy vCPUs: {how}")
 
     def shares_follow():
         shares = {n: dom(conn, n).schedulerParameters()["cpu_shares"] for n in vms}

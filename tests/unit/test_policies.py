@@ -613,7 +613,7 @@ def test_balance_pins_busy_vcpus_floats_light_ones_and_balances(kit, vcpus, pcpu
     rng = np.random.default_rng(seed)
     inp = place_input(kit, vcpus, pcpus)
     load = rng.uniform(0, 1, len(vcpus)) * np.array(vcpus)
-    p = BalancePlacement()
+    p = BalancePlacement(float_above=np.inf)
     pins, width = p.place(inp, load)
     groups = pcpus // width
     assert pins.shape == (sum(vcpus),)
@@ -628,7 +628,7 @@ def test_balance_pins_busy_vcpus_floats_light_ones_and_balances(kit, vcpus, pcpu
 
 
 def test_balance_unpins_a_vcpu_that_went_quiet_with_hysteresis(kit):
-    p = BalancePlacement()
+    p = BalancePlacement(float_above=np.inf)
     h = History(window=20)
     pins = np.array([0, 1])
     for _ in range(p.cooldown + 1):  # let the cooldown of the first placement pass
@@ -648,7 +648,7 @@ def test_balance_moves_at_most_the_budget(kit):
     # 10 single-vCPU VMs, all pinned on pCPU 0 of a 2-pCPU host: badly imbalanced
     n = 10
     inp = place_input(kit, [1] * n, 2, pins=np.zeros(n, dtype=int))
-    p = BalancePlacement()
+    p = BalancePlacement(float_above=np.inf)
     pins, width = p.place(inp, np.full(n, 0.5))
     assert width == 1
     budget = max(1, int(p.moves_per_period * n))
@@ -658,7 +658,7 @@ def test_balance_moves_at_most_the_budget(kit):
 def test_balance_budget_scales_with_vcpus(kit):
     n = 400
     inp = place_input(kit, [1] * n, 4, pins=np.zeros(n, dtype=int))
-    p = BalancePlacement()
+    p = BalancePlacement(float_above=np.inf)
     pins, _ = p.place(inp, np.full(n, 0.5))
     budget = max(1, int(p.moves_per_period * n))
     assert budget == 4
@@ -667,7 +667,7 @@ def test_balance_budget_scales_with_vcpus(kit):
 
 def test_balance_converges_with_fewest_moves(kit):
     # 8 VMs of 0.5 cores all on pCPU 0 of 4: balance is 2 per pCPU, so exactly 6 must move, once each
-    p = BalancePlacement()
+    p = BalancePlacement(float_above=np.inf)
     h = History(window=20)
     pins = np.zeros(8, dtype=int)
     moves = 0
@@ -682,12 +682,12 @@ def test_balance_converges_with_fewest_moves(kit):
 
 def test_balance_small_imbalance_is_left_alone(kit):
     inp = place_input(kit, [1, 1], 2, pins=np.array([0, 1]))
-    pins, _ = BalancePlacement().place(inp, np.array([0.6, 0.5]))
+    pins, _ = BalancePlacement(float_above=np.inf).place(inp, np.array([0.6, 0.5]))
     np.testing.assert_array_equal(pins, [0, 1])
 
 
 def test_balance_does_not_move_a_vm_again_within_cooldown(kit):
-    p = BalancePlacement()
+    p = BalancePlacement(float_above=np.inf)
     h = History(window=20)
     # VM A (2 vCPUs, 0.8 each) and B (0.3: light, but not light enough to float), all on pCPU 0 of 2
     pins = np.array([0, 0, 0])
@@ -727,13 +727,25 @@ def test_vm_balancer_placement_moves_from_busiest_to_freest(kit):
     np.testing.assert_array_equal(pins, [0, 2, 1])
 
 
+def test_balance_floats_every_vcpu_where_the_host_may_run_short(kit):
+    """Pins bound a vCPU to its set while floating ones use any idle pCPU: past float_above, nothing is pinned."""
+    p = BalancePlacement()
+    inp = place_input(kit, [1, 1, 1], 4, pins=np.array([0, 1, 2]))
+    pins, _ = p.place(inp, np.array([0.9, 0.9, 0.9]))  # 2.7 of 4 pCPUs: 0.675, under 0.75
+    assert np.all(pins >= 0)
+    inp = place_input(kit, [1, 1, 1, 1], 4, pins=np.array([0, 1, 2, 3]))
+    pins, _ = p.place(inp, np.array([0.9, 0.9, 0.9, 0.9]))  # 3.6 of 4: 0.9
+    assert np.all(pins == -1)
+
+
 @pytest.mark.parametrize("pcpus", [12, 72])
 @pytest.mark.parametrize("placement", [BalancePlacement, VmBalancerPlacement, KvmSchedulingPlacement])
 def test_placement_beyond_8_pcpus(kit, pcpus, placement):
     # one busy single-vCPU VM per pCPU: balanced placement must use every pCPU, including those >= 8
     n = pcpus
     inp = place_input(kit, [1] * n, pcpus)
-    pins, width = placement().place(inp, np.ones(n))
+    made = placement(float_above=np.inf) if placement is BalancePlacement else placement()
+    pins, width = made.place(inp, np.ones(n))
     groups = pcpus // width
     assert np.all((pins >= 0) & (pins < groups))
     assert pins.max() >= min(groups - 1, 8)
