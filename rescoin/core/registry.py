@@ -67,8 +67,10 @@ RECIPES: dict[str, Recipe] = {
 }
 #: rescoin with one part taken out, to measure what that part is worth; resolvable by name, not in the default order
 ABLATIONS: dict[str, Recipe] = {
-    "rescoin-nocredit": Recipe(lambda: RescoinPolicy(name="rescoin-nocredit", use_credits=False), default_predictor,
+    "rescoin-nocredit": Recipe(lambda: RescoinPolicy(name="rescoin-nocredit", credits="off"), default_predictor,
                                BalancePlacement, guard="rescoin"),
+    "rescoin-coins": Recipe(lambda: RescoinPolicy(name="rescoin-coins", credits="coins"), default_predictor,
+                            BalancePlacement, guard="rescoin"),
     "rescoin-nopin": Recipe(lambda: RescoinPolicy(name="rescoin-nopin"), default_predictor, _none, guard="rescoin"),
 }
 GUARDED = "+guard"  # suffix of a peer run with rescoin's guard

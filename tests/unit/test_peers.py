@@ -131,7 +131,8 @@ def test_ablations_resolve_by_name_but_are_not_in_the_default_order(kit):
         assert name not in POLICIES and recipe(name).guard == "rescoin"
         assert build(name).policy.name == name
     assert build("rescoin-nopin").placement is None and build("rescoin").placement is not None
-    assert build("rescoin-nocredit").policy.use_credits is False and build("rescoin").policy.use_credits
+    assert build("rescoin-nocredit").policy.credits == "off" and build("rescoin").policy.credits == "saved"
+    assert build("rescoin-coins").policy.credits == "coins"
 
 
 def test_without_credits_the_excess_follows_entitlements_not_coins(kit):
@@ -140,8 +141,14 @@ def test_without_credits_the_excess_follows_entitlements_not_coins(kit):
 
     # 10 cores, three 4-vCPU VMs (entitlement 10/3 each); VM 0 saved its entitlement, VM 1 spent beyond it
     inp = cpu_input(kit, [4.0, 4.0, 4.0], [4.0, 4.0, 2.5], [[0.5, 4.0, 2.5]] * 5)
-    coins = RescoinPolicy().allocate(inp).amount[:, CPU]
-    plain = RescoinPolicy(use_credits=False).allocate(inp).amount[:, CPU]
-    assert coins[0] > coins[1] + 0.3  # the excess goes to the VM with coins
+    coins = RescoinPolicy(credits="coins").allocate(inp).amount[:, CPU]
+    saved = RescoinPolicy().allocate(inp).amount[:, CPU]
+    plain = RescoinPolicy(credits="off").allocate(inp).amount[:, CPU]
+    assert coins[0] > coins[1] + 0.3  # the prototype's: all the excess goes to the VM with coins
+    # saved: VM 0 weighs its entitlement plus what it left unused, VM 1 its entitlement: between the two
+    assert plain[0] + 0.05 < saved[0] < coins[0] - 0.05 and saved[0] > saved[1] + 0.1
     assert plain[0] == pytest.approx(plain[1])  # without credits: by (equal) entitlement
-    assert coins.sum() == pytest.approx(10.0) and plain.sum() == pytest.approx(10.0)
+    for a in (coins, saved, plain):
+        assert a.sum() == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="credits must be one of"):
+        RescoinPolicy(credits="karma")

@@ -339,9 +339,12 @@ def test_rescoin_contention_coins_go_to_the_saver(kit):
     # VM1 used 1 < tc (earned coins), VM2 used 5 > tc (spent coins): the excess goes to VM1
     tc = 10.0 / 3
     inp = cpu_input(kit, [8.0, 8.0, 8.0], [2.0, 6.0, 6.0], [[2.0, 1.0, 5.0]] * 3)
-    got = make_policy("rescoin").allocate(inp).amount[:, CPU]
+    got = make_policy("rescoin-coins").allocate(inp).amount[:, CPU]  # the prototype's: all of it
     room = 10.0 - (2.0 + 2 * tc)
     np.testing.assert_allclose(got, [2.0, tc + room, tc])
+    saved = make_policy("rescoin").allocate(inp).amount[:, CPU]  # the default: more of it, not all
+    assert saved[0] == pytest.approx(2.0) and saved.sum() == pytest.approx(10.0)
+    assert saved[2] + 0.05 < saved[1] < tc + room and saved[2] > tc
 
 
 def test_rescoin_never_below_sharing_incentive_under_heavy_contention(kit):
