@@ -2,7 +2,7 @@
 
 This is the one contract between the rooms of the cluster half: the
 simulator (``rescoin.cluster.sim``) and the libvirt collector
-(``rescoin.cluster.libvirt``) both build a ``ClusterState``; every balancer
+(``rescoin.cluster.collect``) both build a ``ClusterState``; every balancer
 (``rescoin.cluster.balancers``) turns one into a list of ``Move``; the
 executors (simulated migration, ``migrateToURI3``) carry moves out. A
 balancer never reaches into a host: what it needs is here.
