@@ -213,7 +213,8 @@ def _worst_off_floor(ratio: np.ndarray, w: np.ndarray, g0: np.ndarray, f: np.nda
 
 
 def threshold_first(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray,
-                    got: np.ndarray | None = None, wanted: np.ndarray | None = None) -> np.ndarray:
+                    got: np.ndarray | None = None, wanted: np.ndarray | None = None,
+                    fair: np.ndarray | None = None) -> np.ndarray:
     """Raise floors so that as many VMs as fit reach ``VIOLATION`` x demand, without lowering the worst-off.
 
     Where demand exceeds capacity, max-min alone spreads the shortfall over
@@ -225,14 +226,15 @@ def threshold_first(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray,
     its max-min grant, so it fits), which keeps the percentile at ``t`` or
     above; what that frees goes to the VMs nearest the line first (smallest
     extra need), the most VMs any allocation above those floors can bring
-    there. The caller fills the rest by max-min on these floors.
+    there. The caller fills the rest by max-min on these floors. ``fair``:
+    the max-min allocation on ``floor``, if the caller has it already.
     """
     d = np.maximum(demand, 0.0)
     f = np.minimum(np.maximum(floor, 0.0), d)
     cap = np.asarray(capacity, dtype=float)
     g0 = np.zeros_like(d) if got is None else got
     w = d + (0.0 if wanted is None else wanted)
-    fair = max_min_ratio(d, f, cap, got, wanted)
+    fair = max_min_ratio(d, f, cap, got, wanted) if fair is None else fair
     has = w > 0
     ws = np.where(has, w, 1.0)
     ratio = np.where(has, (g0 + fair) / ws, np.nan)
@@ -244,11 +246,9 @@ def threshold_first(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray,
         left = cap[r] - keep.sum()
         need = np.maximum(VIOLATION * d[:, r] - keep, 0.0) * (1.0 + 1e-9)
         short = np.flatnonzero(need > 0.0)
-        for i in short[np.argsort(need[short], kind="stable")]:
-            if need[i] > left:
-                break  # sorted: nothing after it fits either
-            keep[i] += need[i]
-            left -= need[i]
+        order = short[np.argsort(need[short], kind="stable")]
+        fits = order[np.cumsum(need[order]) <= left]  # smallest first: the longest prefix that fits
+        keep[fits] += need[fits]
         out[:, r] = keep
     return out
 
@@ -315,6 +315,6 @@ class OraclePolicy:
         demand[:, MEMORY] = np.maximum(demand[:, MEMORY], low)
         got, wanted = self._so_far(inp)
         fair = max_min_ratio(demand, floor, cap, got, wanted)
-        fewer = max_min_ratio(demand, threshold_first(demand, floor, cap, got, wanted), cap, got, wanted)
+        fewer = max_min_ratio(demand, threshold_first(demand, floor, cap, got, wanted, fair), cap, got, wanted)
         fair = np.where(_keeps_worst_off(fewer, fair, got, wanted + demand), fewer, fair)
         return finish(share_leftover(fair, cap, tc, inp.obs.vms.sizes), inp.capacity)
