@@ -8,6 +8,7 @@ own /proc entries), and libvirt where it reads the same files back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -22,6 +23,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from rescoin import lab  # noqa: E402
 from rescoin.core.loop import ControlLoop  # noqa: E402
+from rescoin.core.placement import BalancePlacement  # noqa: E402
 from rescoin.core.registry import build  # noqa: E402
 from rescoin.hosts.actuators import quota_us  # noqa: E402
 from rescoin.hosts.cgroupfs import CgroupActuator, cpulist  # noqa: E402
@@ -135,7 +137,10 @@ def test_control_loop_through_cgroups_writes_what_the_plan_decided(guest):
     dom.setBlkioParameters({"weight": 10}, live)
     host = LibvirtHost(URI, actuator=CgroupActuator(), managed=lambda u, n: n == NAME)
     try:
-        loop = ControlLoop(host, build("rescoin"), period=1.0)
+        # this test is about the actuator: pin whatever the load (a booting 2-vCPU guest is busy
+        # enough that rescoin's default would float every vCPU, and no pin would be written)
+        parts = dataclasses.replace(build("rescoin"), placement=BalancePlacement(float_above=math.inf))
+        loop = ControlLoop(host, parts, period=1.0)
         pcpus = host.capacity.pcpus
         seen = {"shares": 0, "blkio": 0, "pin": 0}
         for _ in range(3):
