@@ -138,11 +138,13 @@ class Guest:
 
 
 def overlay_initrd(base: Path, out: Path, script: Path = GUEST_SCRIPT) -> None:
-    """The lab initrd plus a second archive whose loadgen.py is ``script`` (the footprint helper)
-    (the kernel unpacks concatenated archives in order; later files win)."""
+    """The lab initrd plus a second archive whose loadgen.py is ``script`` (the footprint helper),
+    with footprint_guest.py beside it for scripts that import it (the kernel unpacks concatenated
+    archives in order; later files win)."""
     raw = io.BytesIO()
     cpio = Cpio(raw)
     cpio.file("opt/rescoin/loadgen.py", script.read_bytes(), 0o755)
+    cpio.file("opt/rescoin/footprint_guest.py", GUEST_SCRIPT.read_bytes(), 0o644)
     cpio.close()
     out.write_bytes(base.read_bytes() + gzip.compress(raw.getvalue(), mtime=0))
 
@@ -337,8 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--free-page-reporting", action="store_true",
                    help="turn on the balloon's free page reporting (off in the lab's domains)")
     args = p.parse_args(argv)
+    return measure("footprint", run, args)
+
+
+def measure(what: str, run, args: argparse.Namespace) -> int:
+    """Run a lab benchmark as root, stamp when, how long and where, print the JSON, write --results."""
     if os.geteuid() != 0:
-        print("footprint: needs root (runs a guest under qemu:///system)", file=sys.stderr)
+        print(f"{what}: needs root (runs guests under qemu:///system)", file=sys.stderr)
         return 2
     t0 = time.time()
     out = run(args)

@@ -67,18 +67,19 @@ def handle(req):
     return {"error": "unknown op %r" % op}  # noqa: UP031 - the guest may run Python 3.6
 
 
-def find_port():
-    for _ in range(300):
+def find_port(name=PORT_NAME, tries=300):
+    """The /dev node of the virtio-serial port called ``name`` (bench/pinning_guest.py uses it too)."""
+    for _ in range(tries):
         base = "/sys/class/virtio-ports"
         for d in os.listdir(base) if os.path.isdir(base) else []:
             try:
                 with open(os.path.join(base, d, "name")) as f:
-                    if f.read().strip() == PORT_NAME:
+                    if f.read().strip() == name:
                         return "/dev/" + d
             except OSError:
                 pass
         time.sleep(0.1)
-    raise SystemExit("footprint: no port " + PORT_NAME)
+    raise SystemExit("no virtio-serial port " + name)
 
 
 def main():

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from footprint import overlay_initrd, with_channel  # bench/footprint.py
+from footprint import measure, overlay_initrd, remove, with_channel  # bench/footprint.py
 
 from rescoin.lab import LAB_ROOT, build_image, domain_xml
 
@@ -67,17 +67,6 @@ class Counter(threading.Thread):
                                 pass  # a line cut at connect time
             except OSError:
                 time.sleep(0.5)
-
-
-def remove(conn, name: str) -> None:
-    import libvirt
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    if dom.isActive():
-        dom.destroy()
-    dom.undefine()
 
 
 def start(conn) -> tuple[list, list[Counter]]:
@@ -166,13 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=3.0, help="seconds after a pin change before measuring")
     p.add_argument("--boot-timeout", type=float, default=240.0)
     p.add_argument("--results", help="also write the JSON object here")
-    args = p.parse_args(argv)
-    out = run(args)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.results:
-        Path(args.results).write_text(text + "\n")
-    return 0
+    return measure("pinning", run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -253,18 +253,6 @@ def threshold_first(demand: np.ndarray, floor: np.ndarray, capacity: np.ndarray,
     return out
 
 
-def _keeps_worst_off(a: np.ndarray, b: np.ndarray, got: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Per column: does allocation ``a`` keep the 5th percentile of cumulative ratios (worst-off) of ``b``?"""
-    has = wanted > 0
-    w = np.where(has, wanted, 1.0)
-    ra, rb = np.where(has, (got + a) / w, np.nan), np.where(has, (got + b) / w, np.nan)
-    keep = np.ones(a.shape[1], dtype=bool)
-    for r in range(a.shape[1]):
-        if has[:, r].any():
-            keep[r] = np.nanpercentile(ra[:, r], 5) >= np.nanpercentile(rb[:, r], 5) - 1e-12
-    return keep
-
-
 @dataclass
 class OraclePolicy:
     """Knows the true demand of the period its allocation applies to; the upper bound.
@@ -272,7 +260,7 @@ class OraclePolicy:
     Per resource, what the metrics score: every VM first gets min(demand,
     entitlement) (no sharing-incentive breach), then as many VMs as fit reach
     the violation line while the worst-off so far holds (``threshold_first``,
-    checked by ``_keeps_worst_off``), then the rest of capacity raises the lowest
+    by construction), then the rest of capacity raises the lowest
     ratio granted/demand first (each VM's ratio over the run so far, as
     worst-off scores it), capped at demand; what no
     VM demands is shared by entitlement up to each VM's size (so memory
@@ -315,6 +303,5 @@ class OraclePolicy:
         demand[:, MEMORY] = np.maximum(demand[:, MEMORY], low)
         got, wanted = self._so_far(inp)
         fair = max_min_ratio(demand, floor, cap, got, wanted)
-        fewer = max_min_ratio(demand, threshold_first(demand, floor, cap, got, wanted, fair), cap, got, wanted)
-        fair = np.where(_keeps_worst_off(fewer, fair, got, wanted + demand), fewer, fair)
+        fair = max_min_ratio(demand, threshold_first(demand, floor, cap, got, wanted, fair), cap, got, wanted)
         return finish(share_leftover(fair, cap, tc, inp.obs.vms.sizes), inp.capacity)
