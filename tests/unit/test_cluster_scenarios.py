@@ -57,4 +57,4 @@ def test_scenario(case: str) -> None:
 
 def test_at_least_the_required_scenarios() -> None:
     assert {"hot-host", "different-sizes", "short-spike", "anti-affinity", "maintenance",
-            "cost-over-gain", "oscillation-trap"} <= set(CASES)
+            "cost-over-gain", "oscillation-trap", "affinity-group"} <= set(CASES)

@@ -9,19 +9,37 @@ by TOPSIS with AHP weights (unserved demand and relief up, migration cost down);
 the target by TOPSIS over the cluster after the move, in shares of each host's
 own capacity. Gain (MiB of overload relieved) must beat cost (MiB copied,
 scaled by ``cost_weight``) by ``margin``. No VM moves twice within ``window``.
+
+Affinity groups move together. A candidate in a group is its members on the
+problem host, ranked and placed as one: summed forecasts, unserved demand
+and copy cost; a target allowed for every member with the summed memory
+under ``headroom``; every member movable and outside its window. It becomes
+one move per member, all to one target. A group already split over hosts
+(a failed move, a hand migration) may only join the host holding most of
+its other members, healing the split; if that host is not allowed or has no
+room, the group stays: it is never scattered further and never half-moved.
+
+Budget: a group takes as many of the ``max_in_flight`` slots as it has
+members. A group larger than ``max_in_flight`` could never fit, so it may go
+alone: only when nothing is in flight and nothing else was planned this
+round (evacuations included); then it fills the round. So it waits for a
+quiet round, never for a free slot count it could never reach.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
 from rescoin.cluster import ahp, topsis
-from rescoin.cluster.balancers.base import Loads, candidates, evacuate
+from rescoin.cluster.balancers.base import Loads, candidates, evacuate, unit, unit_reason, unit_targets
 from rescoin.cluster.migration import duration_s
 from rescoin.cluster.model import ClusterState, Move, Rules, VmInfo
-from rescoin.cluster.rules import allowed_targets, group_of
 
 #: criteria: unserved demand, relief (forecast MiB), copy cost (MiB x dirty factor); unserved matters most
 PAIRWISE = np.array([[1.0, 3.0, 5.0], [1 / 3, 1.0, 3.0], [0.2, 1 / 3, 1.0]])
+
+Forecasts = dict[str, tuple[float, float]]  # VM uuid -> (cpu cores, memory MiB) over the horizon
 
 
 class RescoinBalancer:
@@ -53,7 +71,7 @@ class RescoinBalancer:
 
     def plan(self, state: ClusterState, rules: Rules) -> list[Move]:
         cpu, mem = self.forecasts(state)
-        fc = {v.uuid: (c, m) for v, c, m in zip(state.vms, cpu, mem, strict=True)}
+        fc = {v.uuid: (float(c), float(m)) for v, c, m in zip(state.vms, cpu, mem, strict=True)}
         loads = Loads.of(state, rules, cpu, mem)
         out = evacuate(state, rules, loads, state.now, lambda v: fc[v.uuid][1])
         budget = self.max_in_flight - len(state.in_flight) - len(out)
@@ -64,40 +82,75 @@ class RescoinBalancer:
             src = loads.names[i]
             if budget <= 0 or problem[i] <= 0 or self.streak[src] < self.hold:
                 continue
-            move = self._one(state, rules, loads, src, float(problem[i]), fc)
-            if move is not None:
-                out.append(move)
-                budget -= 1
+            idle = not state.in_flight and not out
+            moves = self._one(state, rules, loads, src, float(problem[i]), fc, budget, idle)
+            out += moves
+            budget -= len(moves)
         return out
 
-    def _one(self, state: ClusterState, rules: Rules, loads: Loads, src: str, need: float, fc) -> Move | None:
-        vms = [v for v in candidates(state, rules, src, state.now)
-               if state.now - self.last.get(v.uuid, -np.inf) > self.window and len(group_of(v.name, rules)) == 1]
-        if not vms:
-            return None
-        cost = np.array([v.mem_used * duration_s(v, state.link_mib_s) / max(v.mem_used / state.link_mib_s, 1e-9)
-                         for v in vms])
-        matrix = np.array([[v.mem_unserved + v.cpu_unserved * 1024, min(fc[v.uuid][1], need), c]
-                           for v, c in zip(vms, cost, strict=True)]) + 1e-9
+    def _fits_budget(self, size: int, budget: int, idle: bool) -> bool:
+        """A unit takes one slot per member; one larger than the whole cap goes only into a quiet round."""
+        return size <= budget or (size > self.max_in_flight and idle)
+
+    def _units(self, state: ClusterState, rules: Rules, src: str, budget: int, idle: bool
+               ) -> list[tuple[list[VmInfo], list[VmInfo]]]:
+        """Movable units on ``src``: (members here, members elsewhere), each member movable and outside its window."""
+        ok = {v.uuid for v in candidates(state, rules, src, state.now)
+              if state.now - self.last.get(v.uuid, -np.inf) > self.window}
+        out, seen = [], set()
+        for v in state.on(src):
+            if v.name in seen:
+                continue
+            members, rest = unit(v, state, rules)
+            seen |= {m.name for m in members}
+            if (all(m.uuid in ok for m in members) and not any(m.uuid in state.in_flight for m in rest)
+                    and self._fits_budget(len(members), budget, idle)):
+                out.append((members, rest))
+        return out
+
+    def _one(self, state: ClusterState, rules: Rules, loads: Loads, src: str, need: float, fc: Forecasts,
+             budget: int, idle: bool) -> list[Move]:
+        """The best unit to shed from ``src`` as its moves (one per member, one target), or none."""
+        units = self._units(state, rules, src, budget, idle)
+        if not units:
+            return []
+        link = state.link_mib_s
+        cost = {v.uuid: v.mem_used * duration_s(v, link) / max(v.mem_used / link, 1e-9)
+                for members, _ in units for v in members}
+        figures = [(sum(fc[v.uuid][0] for v in members), sum(fc[v.uuid][1] for v in members),
+                    sum(v.mem_unserved for v in members), sum(cost[v.uuid] for v in members))
+                   for members, _ in units]
+        matrix = np.array([[sum(v.mem_unserved + v.cpu_unserved * 1024 for v in members), min(mem, need), c]
+                           for (members, _), (_, mem, _, c) in zip(units, figures, strict=True)]) + 1e-9
         for k in topsis.rank(matrix, [self.w[0], self.w[1], -self.w[2]]):
-            v = vms[k]
-            c_mem, m_mem = fc[v.uuid][1], fc[v.uuid][1]
-            target = self._target(state, rules, loads, v, fc[v.uuid][0], m_mem)
+            (members, rest), (cpu, mem, unserved, c) = units[k], figures[k]
+            target = self._target(state, rules, loads, members, rest, cpu, mem)
             if target is None:
                 continue
-            gain = min(m_mem, need) + v.mem_unserved
-            cost_mib = self.cost_weight * cost[k]
+            gain = min(mem, need) + unserved
+            cost_mib = self.cost_weight * c
             if gain <= cost_mib * (1 + self.margin):
                 continue
-            loads.shift(src, target, fc[v.uuid][0], c_mem)
-            self.last[v.uuid] = state.now
-            return Move(v.uuid, v.name, src, target, f"host over by {need:.0f} MiB; gain/cost in MiB",
-                        gain=gain, cost=cost_mib)
-        return None
+            why = f"host over by {need:.0f} MiB; gain/cost in MiB" + unit_reason(members, rules)
+            if len(members) > 1:
+                why += f" (group gain {gain:.0f}, cost {cost_mib:.0f})"
+            out = []
+            for v in members:
+                loads.shift(src, target, *fc[v.uuid])
+                self.last[v.uuid] = state.now
+                share = fc[v.uuid][1] / mem if mem > 0 else 1 / len(members)
+                out.append(Move(v.uuid, v.name, src, target, why, gain=gain * share,
+                                cost=self.cost_weight * cost[v.uuid]))
+            return out
+        return []
 
-    def _target(self, state: ClusterState, rules: Rules, loads: Loads, v: VmInfo, cpu: float, mem: float
-                ) -> str | None:
-        targets = allowed_targets(v, state, rules)
+    def _target(self, state: ClusterState, rules: Rules, loads: Loads, members: list[VmInfo],
+                rest: list[VmInfo], cpu: float, mem: float) -> str | None:
+        """Where the unit fits best after the move; a split group only where most of its other members are."""
+        targets = unit_targets(members, state, rules)
+        if rest:
+            home = sorted(Counter(v.host for v in rest).items(), key=lambda hc: (-hc[1], hc[0]))[0][0]
+            targets = [t for t in targets if t == home]
         idx = np.array([loads.index[t] for t in targets], dtype=np.intp)
         if idx.size == 0:
             return None

@@ -1,10 +1,16 @@
-"""The peers: none, pve-dynamic (Proxmox 5.2), proxlb (memory balanciness), derumier (the seed's rules)."""
+"""The peers: none, pve-dynamic (Proxmox 5.2), proxlb (memory balanciness), derumier (the seed's rules).
+
+Affinity groups: the peers' balancing passes skip every VM in a group (their
+one-VM moves would split it); maintenance evacuations move a group whole
+(``evacuate``), and a peer that starts one evacuation a round starts the
+whole group (``first_unit``). So no peer can split a group.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from rescoin.cluster import ahp, topsis
-from rescoin.cluster.balancers.base import Loads, candidates, evacuate
+from rescoin.cluster.balancers.base import Loads, candidates, evacuate, first_unit, in_a_group
 from rescoin.cluster.model import ClusterState, Move, Rules
 from rescoin.cluster.rules import allowed_targets
 
@@ -42,7 +48,7 @@ class PveDynamic:
         loads = Loads.of(state, rules, cpu, mem)
         ev = evacuate(state, rules, loads, state.now, lambda v: v.mem_used)
         if ev or state.in_flight:
-            return ev[:1] if not state.in_flight else []
+            return first_unit(ev, rules) if not state.in_flight else []
         c, m = loads.shares()
         load = (c + m) / 2
         cv = float(load.std() / load.mean()) if load.mean() > 0 else 0.0
@@ -51,7 +57,7 @@ class PveDynamic:
             return []
         best: tuple[float, Move] | None = None
         for i, vm in enumerate(state.vms):
-            if vm.uuid in state.in_flight or vm.name in rules.ignore:
+            if vm.uuid in state.in_flight or vm.name in rules.ignore or in_a_group(vm, rules):
                 continue
             for t in allowed_targets(vm, state, rules):
                 j, s = loads.index[t], loads.index[vm.host]
@@ -93,7 +99,8 @@ class ProxLB:
             if gap <= self.balanciness:
                 break
             src, dst = loads.names[hi], loads.names[lo]
-            vms = sorted((v for v in state.on(src) if v.uuid not in moved and v.name not in rules.ignore),
+            vms = sorted((v for v in state.on(src)
+                          if v.uuid not in moved and v.name not in rules.ignore and not in_a_group(v, rules)),
                          key=lambda v: -v.mem_used)
             pick = None
             for v in vms:  # greedy largest first that narrows the gap
@@ -135,13 +142,13 @@ class Derumier:
         loads = Loads.of(state, rules, cpu, mem)
         ev = evacuate(state, rules, loads, state.now, lambda v: v.mem_used)
         if ev:
-            return ev[:1]
+            return first_unit(ev, rules)
         c, m = loads.shares()
         bad = []
         for h in state.hosts:
             i = loads.index[h.name]
             for v in candidates(state, rules, h.name, state.now):
-                if v.uuid == self.last_vm:
+                if v.uuid == self.last_vm or in_a_group(v, rules):
                     continue
                 cp = v.cpu_unserved / max(v.vcpus, 1)  # steal share as CPU pressure
                 pseudo = v.mem_used / max(v.memory_mib, 1.0) if m[i] > self.mem_high else 0.0
