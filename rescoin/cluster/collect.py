@@ -29,10 +29,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from rescoin.cluster.migrate import read_credits
 from rescoin.cluster.model import ClusterState, HostInfo, VmInfo
 from rescoin.hosts.agent import AgentClient, AgentReport
 from rescoin.hosts.libvirt.connection import HostUnavailable, Libvirt, libvirt_module
+from rescoin.hosts.libvirt.ledger import read_credits
 
 HEADROOM = 1.10  # working set x this = what a VM wants resident
 

@@ -23,11 +23,12 @@ from rescoin.cluster.model import ClusterState, Move, Rules
 from rescoin.cluster.rules import allowed_targets
 from rescoin.errors import RescoinError
 from rescoin.hosts.libvirt.connection import HostUnavailable, Libvirt, libvirt_module
+from rescoin.hosts.libvirt.ledger import CREDITS_NS, parse_credits, read_credits, write_credits
+
+__all__ = ["CREDITS_NS", "Executor", "Hosts", "MigrationError", "Outcome", "parse_credits", "read_credits",
+           "write_credits"]
 
 log = logging.getLogger("rescoin.cluster.migrate")
-
-CREDITS_NS = "https://rescoin.invalid/xmlns/credits/1"
-CREDITS_KEY = "rescoin"
 
 # outcome -> counted in rescoin_migrations_total{outcome=...}
 OUTCOMES = ("ok", "refused", "failed", "precondition", "unverified")
@@ -71,37 +72,6 @@ class Hosts:
     def close(self) -> None:
         for lv in self.conns.values():
             lv.close()
-
-
-def credits_xml(credits: tuple[float, ...]) -> str:
-    return "<credits>" + "".join(f"<c>{float(c)!r}</c>" for c in credits) + "</credits>"
-
-
-def parse_credits(text: str | None) -> tuple[float, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(float(c.text or "nan") for c in ET.fromstring(text).iter("c"))
-    except (ET.ParseError, ValueError):
-        return ()
-
-
-def write_credits(lv: Libvirt, dom, credits: tuple[float, ...]) -> bool:
-    """Store the VM's credit ledger in its domain metadata (live and persistent)."""
-    m = libvirt_module()
-    flags = m.VIR_DOMAIN_AFFECT_LIVE | m.VIR_DOMAIN_AFFECT_CONFIG
-    ok, _ = lv.call("setMetadata", dom.name(), dom.setMetadata, m.VIR_DOMAIN_METADATA_ELEMENT,
-                    credits_xml(credits), CREDITS_KEY, CREDITS_NS, flags)
-    return ok
-
-
-def read_credits(lv: Libvirt, dom) -> tuple[float, ...]:
-    m = libvirt_module()
-    ok, xml = lv.call("XMLDesc", dom.name(), dom.XMLDesc, 0, default="")
-    if not (ok and CREDITS_NS in xml):  # never written: no ledger yet (not an error)
-        return ()
-    ok, text = lv.call("metadata", dom.name(), dom.metadata, m.VIR_DOMAIN_METADATA_ELEMENT, CREDITS_NS, 0)
-    return parse_credits(text) if ok else ()
 
 
 def _find(lv: Libvirt, uuid: str):

@@ -10,11 +10,17 @@ A balancer round runs every ``every`` periods on a ClusterState built from
 what the hosts report (usage, resident memory, the loop's padded forecasts,
 unserved demand estimated from PSI/steal, never the true demand). A move ends
 within the period (duration is seconds, the period 300 s): presence flips from
-the next period, the footprint and balloon target on arrival are the VM's
-on the source (not a fresh boot: the balloon is guest state), and the VM loses ``downtime / period`` of its
-service in the period it moves. A move fails, leaving the VM on the source,
-when the target's working sets plus the VM's exceed its memory, or at random
-with ``fail_p``. Only ``hindsight`` is given the true future demand.
+the next period, in which the source still holds the VM's resident memory and
+spends ``migration.SOURCE_CPU`` cores for the copy's duration (its host swap
+and CPU time-weighted by that share of the period). The footprint, balloon
+target and credit ledger on arrival are the VM's on the source (not a fresh
+boot: the balloon is guest state, the ledger is in its domain metadata), and
+the VM loses ``downtime / period`` of its service in the period it moves. A
+move fails, leaving the VM on the source, when the target's working sets plus
+the VM's exceed its memory (refused before the copy: no cost), or at random
+with ``fail_p`` (after the copy: the source's CPU and the target's memory for
+its duration are spent). Only ``hindsight`` is
+given the true future demand.
 """
 from __future__ import annotations
 
@@ -131,6 +137,7 @@ class ClusterSim:
                 cpu_un = sig[:, CPU] * obs.vms.vcpus
                 steal = float(sig[:, CPU].mean())
                 fc = loop.history.latest("forecast")
+                led = np.nan_to_num(loop.history.latest("ledger"))
                 fc = np.nan_to_num(fc) if fc is not None else use
                 res = np.nan_to_num(obs.resident) if obs.resident is not None else use[:, MEMORY]
                 for i in range(obs.n):
@@ -141,7 +148,8 @@ class ClusterSim:
                         mem_used=float(res[i]), cpu_forecast=float(fc[i, CPU]), mem_forecast=float(fc[i, MEMORY]),
                         cpu_unserved=float(cpu_un[i]), mem_unserved=float(mem_un[i]),
                         dirty_mib_s=migration.dirty_rate(use[i, CPU], use[i, DISK]),
-                        uptime_s=float(obs.age[i] * self.period), last_moved=self.last_moved.get(r)))
+                        uptime_s=float(obs.age[i] * self.period), last_moved=self.last_moved.get(r),
+                        credits=tuple(float(x) for x in led[i])))
             hosts.append(HostInfo(name, float(cap[CPU]), float(cap[MEMORY]),
                                   contention=1.0 if swap > 0 or steal > 0.01 else 0.0))
         return ClusterState(now=now, hosts=tuple(hosts), vms=tuple(vms))
@@ -165,15 +173,27 @@ class ClusterSim:
         src, dst = self.hosts[s], self.hosts[d]
         work = src.demand[t, :, MEMORY]
         there = np.nan_to_num(work[dst.presence[t]]).sum()
-        if (there + np.nan_to_num(work[r]) > dst.capacity.capacity[MEMORY]
-                or self.rng.random() < self.cs.fail_p):
+        if there + np.nan_to_num(work[r]) > dst.capacity.capacity[MEMORY]:
+            self.failed += 1  # refused before the copy starts: costs nothing
+            return False
+        seconds = migration.duration_s(vm, state.link_mib_s)
+        if self.rng.random() < self.cs.fail_p:
+            # failed during the copy (counted as at its end): the source spent the CPU, the
+            # target held what it received, and the VM stays where it was
+            src.burden(0.0, migration.SOURCE_CPU, seconds)
+            dst.burden(vm.mem_used, 0.0, seconds)
             self.failed += 1
             return False
+        # until the switch-over the VM's memory is resident on both hosts (the target's copy is
+        # its footprint there from the next period) and the source spends CPU on the copy
+        src.burden(vm.mem_used, migration.SOURCE_CPU, seconds)
         src.presence[t + 1 :, r] = False
         dst.presence[t + 1 :, r] = self.running[t + 1 :, r]
         if src.footprints is not None and dst.footprints is not None:
             dst.footprints.f[r] = src.footprints.f[r]  # arrives with its resident memory, not a fresh boot
         dst.controls.balloon[r] = src.controls.balloon[r]  # the guest's inflated balloon is guest state: it travels
+        if vm.credits:  # the credit ledger travels in the domain metadata: the target's loop seeds it
+            self.loops[d].history.carry(move.vm, vm.credits)
         self.downtime_loss(d, r, migration.downtime_s(vm, state.link_mib_s))
         now = state.now
         if any(h == move.target and now - when <= OSCILLATION_S for when, h in self.left.get(r, [])):

@@ -7,6 +7,8 @@ departed VM's data under a new VM's row.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from rescoin.core.model import Observation, VMSet
@@ -16,7 +18,9 @@ from rescoin.core.resources import N_RES
 SERIES = ("usage", "signal", "forecast", "allocation", "entitlement")
 #: what the policy reported about the period it decided in (``Allocation.diagnostics``), same shape;
 #: NaN where the policy computes no such value. Optional in a snapshot (older state files lack it).
-NOTED = ("credit",)
+NOTED = ("credit", "ledger")
+#: per-VM state holding the ledger a VM arrived with (mean unused entitlement per period)
+CARRIED = "carried"
 
 
 def realign_rows(old: VMSet | None, new: VMSet) -> np.ndarray | None:
@@ -44,6 +48,7 @@ class History:
         self._fill: dict[str, float] = {}
         self.age = np.zeros(0, dtype=np.intp)
         self.pending: dict[str, np.ndarray] = {}  # decided this period, in force next period
+        self._arriving: dict[str, np.ndarray] = {}  # UUID -> ledger, set when the VM's row appears
 
     # -- rows ---------------------------------------------------------------
     @property
@@ -74,7 +79,23 @@ class History:
         age[known] = self.age[src[known]]
         self.age = age
         self.vms = vms
+        if self._arriving:
+            carried = self.state(CARRIED, fill=0.0)
+            for i in np.flatnonzero(~known):
+                ledger = self._arriving.pop(str(vms.uuids[i]), None)
+                if ledger is not None:
+                    carried[i] = ledger
         return rows
+
+    def carried(self) -> np.ndarray | None:
+        """The ledgers VMs arrived with, ``(n, N_RES)``, or None if none did (read-only: creates nothing)."""
+        arr = self._state.get(CARRIED)
+        return arr if arr is not None and arr.shape == (self.n, N_RES) else None
+
+    def carry(self, uuid: str, ledger: Sequence[float] | np.ndarray) -> None:
+        """A VM arrives with this credit ledger (from its source host): seed its row when it appears."""
+        value = np.nan_to_num(np.resize(np.asarray(ledger, dtype=float), N_RES), nan=0.0, posinf=0.0, neginf=0.0)
+        self._arriving[uuid] = value
 
     # -- writing ------------------------------------------------------------
     @property

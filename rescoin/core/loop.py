@@ -63,6 +63,8 @@ class ControlLoop:
         if obs is None:
             return None
         h = self.history
+        for uuid, ledger in obs.carried.items():
+            h.carry(uuid, ledger)
         h.push(obs)
         capacity = obs.host.capacity
         ent = entitlement(obs.vms.sizes, obs.vms.weight, capacity)
@@ -82,7 +84,7 @@ class ControlLoop:
             allocation=alloc.amount,
             entitlement=ent,
         )
-        h.note(credit=alloc.diagnostics["credit"])
+        h.note(credit=alloc.diagnostics["credit"], ledger=alloc.diagnostics["ledger"])
         for w in self.guard.warnings:
             log.warning(w)
         self.guard.warnings.clear()

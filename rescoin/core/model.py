@@ -127,6 +127,8 @@ class Observation:
     # (n,) MiB of each VM's memory resident on the host (QEMU RSS); None = not known
     resident: np.ndarray | None = None
     host_swap: float | None = None  # MiB of guest memory the host has swapped out now; None = not known
+    # credit ledgers that arrived with VMs first seen this period (domain metadata), by UUID
+    carried: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -141,8 +143,9 @@ class Forecast:
 
 #: diagnostics a policy may return, with their per-VM shape: ``credit`` is each resource's credit
 #: (sum over the policy's window of (entitlement - usage) / capacity), ``combined_credit`` the one
-#: signed number per VM the policy weighs by (its p-norm of earned minus spent coins)
-DIAGNOSTICS: dict[str, tuple[int, ...]] = {"credit": (N_RES,), "combined_credit": ()}
+#: signed number per VM the policy weighs by (its p-norm of earned minus spent coins), ``ledger``
+#: what travels with a migrating VM (mean entitlement left unused per period, in resource units)
+DIAGNOSTICS: dict[str, tuple[int, ...]] = {"credit": (N_RES,), "combined_credit": (), "ledger": (N_RES,)}
 
 
 @dataclass

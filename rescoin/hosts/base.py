@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from rescoin.core.model import Observation, Plan
 from rescoin.core.resources import HostCapacity
 from rescoin.hosts.config import HostConfig
@@ -98,6 +100,9 @@ class Host(Protocol):
     def known_vms(self) -> list[tuple[str, str]]:
         """(uuid, name) of every VM the hypervisor knows, managed or not, running or not."""
 
+    def publish_ledger(self, uuids: np.ndarray, ledger: np.ndarray) -> None:
+        """Store each VM's credit ledger where it travels with the VM (its domain metadata)."""
+
     def close(self) -> None: ...
 
 
@@ -126,6 +131,9 @@ class HostBase:
 
     def known_vms(self) -> list[tuple[str, str]]:
         return []
+
+    def publish_ledger(self, uuids: np.ndarray, ledger: np.ndarray) -> None:
+        pass
 
     def close(self) -> None:
         pass

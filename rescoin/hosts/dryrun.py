@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from rescoin.core import kinds
 from rescoin.core.model import Observation, Plan
 from rescoin.core.resources import HostCapacity
@@ -68,6 +70,9 @@ class DryRunHost:
 
     def close(self) -> None:
         """The real host is not ours to close."""
+
+    def publish_ledger(self, uuids: np.ndarray, ledger: np.ndarray) -> None:
+        """A dry run writes nothing, metadata included."""
 
     def apply(self, plan: Plan) -> ApplyResult:
         names = plan.vms.names

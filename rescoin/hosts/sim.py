@@ -132,6 +132,7 @@ class SimHost(HostBase):
         self._view: tuple[VMSet, np.ndarray] | None = None
         self.actions = {k: 0 for k in kinds.names()}
         self.footprints = Footprints(n, self.memory, exempt) if self.memory.enabled else None
+        self._burden = (0.0, 0.0, 0.0)  # next period's migration work: MiB held, MiB-seconds, core-seconds
 
     @property
     def capacity(self) -> HostCapacity:
@@ -180,9 +181,17 @@ class SimHost(HostBase):
                         c.pins[vidx], c.pin_width, c.diskcap[rows])
 
     # -- granting -----------------------------------------------------------------
-    def grant(self, demand: np.ndarray, vms: VMSet, ctl: Controls, mem: MemoryOutcome | None = None) -> np.ndarray:
-        """What each VM actually gets this period under the applied controls (``mem``: the memory model's)."""
+    def grant(self, demand: np.ndarray, vms: VMSet, ctl: Controls, mem: MemoryOutcome | None = None,
+              busy: float = 0.0) -> np.ndarray:
+        """What each VM actually gets this period under the applied controls.
+
+        ``mem``: the memory model's outcome; ``busy``: cores the host spends on its own
+        work (a migration's copy), not available to any VM.
+        """
         cap = self._capacity.capacity
+        if busy > 0:
+            cap = cap.copy()
+            cap[CPU] = max(cap[CPU] - busy, 0.0)
         d = fillnan(demand, 0.0)
         out = np.zeros_like(d)
         v = vms.vcpus
@@ -228,8 +237,21 @@ class SimHost(HostBase):
         size = fillnan(vms.sizes[:, MEMORY], 0.0)
         limit = np.where(np.isnan(ctl.balloon), size, np.minimum(ctl.balloon, size))
         io_mib = fillnan(demand[:, DISK], 0.0) * self.period / 1024.0
+        mib, mib_s, _ = self._burden
+        held = (mib, mib_s / max(mib, 1e-9) / self.period) if mib > 0 else (0.0, 0.0)
         return self.footprints.step(rows, demand[:, MEMORY], limit, io_mib, self.period,
-                                    float(self._capacity.capacity[MEMORY]))
+                                    float(self._capacity.capacity[MEMORY]), held)
+
+    def burden(self, mib: float, cores: float, seconds: float) -> None:
+        """Next period, a live migration holds ``mib`` here and spends ``cores`` for ``seconds``.
+
+        The cluster simulator books it: on the source, the moving VM's memory stays
+        resident and QEMU spends CPU on the copy until the switch-over; on the target
+        of a copy that fails, the memory received so far was held for nothing.
+        """
+        s = min(max(seconds, 0.0), self.period)
+        m, ms, cs = self._burden
+        self._burden = (m + mib, ms + mib * s, cs + cores * s)
 
     @staticmethod
     def signals(demand: np.ndarray, got: np.ndarray, vms: VMSet, mem: MemoryOutcome | None) -> np.ndarray:
@@ -261,7 +283,9 @@ class SimHost(HostBase):
         ctl = self._controls_for(rows, vidx)
         demand = self.demand[t, rows]
         mem = self._memory_step(t, rows, vms, ctl)
-        got = self.grant(demand, vms, ctl, mem)
+        busy = self._burden[2] / self.period  # cores the copies took, averaged over the period
+        self._burden = (0.0, 0.0, 0.0)
+        got = self.grant(demand, vms, ctl, mem, busy)
         missing = np.isnan(demand)
         signal = self.signals(demand, got, vms, mem)
         usage = np.where(missing, np.nan, got)

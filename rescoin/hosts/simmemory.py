@@ -97,8 +97,13 @@ class Footprints:
         self.f[rows] = np.nan
 
     def step(self, rows: np.ndarray, work: np.ndarray, limit: np.ndarray, io_mib: np.ndarray,
-             period: float, host_mib: float) -> MemoryOutcome:
-        """Move the footprints of ``rows`` one period on and say what each VM gets."""
+             period: float, host_mib: float, copying: tuple[float, float] = (0.0, 0.0)) -> MemoryOutcome:
+        """Move the footprints of ``rows`` one period on and say what each VM gets.
+
+        ``copying``: (MiB, share of the period) of memory the host also holds for part of
+        the period (a live migration's copy on both hosts); swap is charged for that
+        share with host memory less the MiB, for the rest without.
+        """
         m = self.model
         w = np.maximum(np.nan_to_num(work, nan=0.0), 0.0)
         held = np.minimum(w, limit)
@@ -115,15 +120,28 @@ class Footprints:
         f = np.where(prev > limit, down, up)
         self.f[rows] = f
         ws = np.minimum(w, f)  # the working set the guest holds; the rest it swaps itself
-        total = float(f.sum())
-        excess = max(total - host_mib, 0.0) if np.isfinite(host_mib) else 0.0
-        excess = excess if excess > SWAP_EPS_MIB else 0.0  # sums of floats: under a MiB over is rounding
+        mib, share = copying
+        share = min(max(share, 0.0), 1.0) if mib > 0 else 0.0
+        excess, lost = _swapped(f, host_mib)
+        if share > 0:  # while the copy runs the host is that much smaller: time-weight both states
+            ex2, lost2 = _swapped(f, host_mib - mib)
+            excess, lost = (1 - share) * excess + share * ex2, (1 - share) * lost + share * lost2
         with np.errstate(divide="ignore", invalid="ignore"):
-            lost = np.where(f > 0, excess * f / total, 0.0) if excess > 0 else np.zeros_like(f)
             ws_lost = np.where(f > 0, lost * ws / f, 0.0)
             slowed = np.where(w > 0, m.swap_penalty * ws_lost / w, 0.0)
         return MemoryOutcome(granted=ws - ws_lost, cpu_factor=np.clip(1.0 - slowed, 0.0, 1.0),
                              resident=f - lost, host_swap=excess)
+
+
+def _swapped(f: np.ndarray, host_mib: float) -> tuple[float, np.ndarray]:
+    """MiB the host swaps out, and each footprint's loss (in proportion to footprint)."""
+    total = float(f.sum())
+    excess = max(total - host_mib, 0.0) if np.isfinite(host_mib) else 0.0
+    excess = excess if excess > SWAP_EPS_MIB else 0.0  # sums of floats: under a MiB over is rounding
+    if excess <= 0:
+        return 0.0, np.zeros_like(f)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return excess, np.where(f > 0, excess * f / total, 0.0)
 
 
 def warm(held: np.ndarray, limit: np.ndarray, host_mib: float) -> np.ndarray:

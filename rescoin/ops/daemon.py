@@ -24,6 +24,8 @@ from dataclasses import replace
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from rescoin import __version__
 from rescoin.core.guard import Guard
 from rescoin.core.history import History
@@ -50,6 +52,9 @@ from rescoin.ops.state import Saved, StateFile
 if TYPE_CHECKING:  # imported where used: a daemon without them never loads them
     from rescoin.ops.metrics import Metrics
     from rescoin.ops.status import StatusServer
+
+#: periods between two publications of the credit ledgers (one metadata write per VM)
+LEDGER_EVERY = 10
 
 log = logging.getLogger("rescoin.ops.daemon")
 
@@ -295,6 +300,7 @@ class Daemon:
         if self.writer is not None:
             self.writer.try_write(step, self.history)  # a full disk is said once; the loop goes on
         self._save_state()
+        self._publish_ledger(step)
         if self.status is not None:
             self.status.publish(self, step)
         if self.metrics is not None:
@@ -314,6 +320,13 @@ class Daemon:
             self.close()
         log.info("stopped after %d periods", self.periods)
         return 0
+
+    def _publish_ledger(self, step: Step) -> None:
+        """Every ``LEDGER_EVERY`` periods, each VM's credit ledger goes to its host, to travel with it."""
+        ledger = step.allocation.diagnostics.get("ledger")
+        if ledger is None or self.periods % LEDGER_EVERY or not np.isfinite(ledger).any():
+            return
+        self.host.publish_ledger(step.obs.vms.uuids, ledger)
 
     def _save_state(self) -> None:
         if self.state is not None:

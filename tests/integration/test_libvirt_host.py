@@ -404,3 +404,39 @@ def test_observation_and_apply_result_carry_health_and_failed_calls(host):
     assert res.call_errors == {"setBlkioParameters": 1}
     assert host.apply(plan).call_errors == {"setBlkioParameters": 1}  # each result: its own calls only
     assert host.observe().call_errors == {}
+
+
+ARRIVING = """<domain type='test'><name>{name}</name><memory unit='MiB'>1024</memory>
+<currentMemory unit='MiB'>1024</currentMemory><vcpu>1</vcpu>
+<metadata><rescoin:credits xmlns:rescoin="{ns}"><c>0.5</c><c>300.0</c><c>0.0</c><c>0.0</c></rescoin:credits></metadata>
+<os><type>hvm</type></os><devices/></domain>"""
+
+
+def test_a_vm_arriving_with_a_ledger_brings_it_to_the_loop_once(host):
+    from rescoin.hosts.libvirt.ledger import CREDITS_NS
+
+    loop = ControlLoop(host, build("rescoin"), period=1.0)
+    loop.step()
+    dom = host.lv.connect().defineXML(ARRIVING.format(name="migrated", ns=CREDITS_NS))
+    dom.create()
+    step = loop.step()
+    assert step.obs.carried == {dom.UUIDString(): (0.5, 300.0, 0.0, 0.0)}
+    i = step.obs.vms.uuids.tolist().index(dom.UUIDString())
+    carried = loop.history.carried()
+    assert carried is not None and carried[i].tolist() == [0.5, 300.0, 0.0, 0.0]
+    assert step.allocation.diagnostics["credit"][i, 1] > 0  # it arrives with credits, not from zero
+    assert loop.step().obs.carried == {}  # said once, on first sight
+
+
+def test_published_ledger_is_in_the_live_metadata_and_a_dry_run_writes_none(host):
+    from rescoin.hosts.dryrun import DryRunHost
+    from rescoin.hosts.libvirt.ledger import read_credits
+
+    obs = host.observe()
+    dom = host.lv.connect().lookupByUUIDString(obs.vms.uuids[0])
+    DryRunHost(host).publish_ledger(obs.vms.uuids, np.array([[1.0, 2.0, 3.0, 4.0]]))
+    assert read_credits(host.lv, dom) == ()
+    host.publish_ledger(obs.vms.uuids, np.array([[1.0, 2.0, 3.0, 4.0]]))
+    assert read_credits(host.lv, dom) == (1.0, 2.0, 3.0, 4.0)
+    host.publish_ledger(obs.vms.uuids, np.array([[np.nan, 2.0, 3.0, 4.0]]))  # unknown: left as it was
+    assert read_credits(host.lv, dom) == (1.0, 2.0, 3.0, 4.0)

@@ -6,8 +6,9 @@ import pytest
 libvirt = pytest.importorskip("libvirt")
 
 from rescoin.cluster.collect import Collector, vm_figures  # noqa: E402
-from rescoin.cluster.migrate import Executor, Hosts, credits_xml, host_local_paths, parse_credits  # noqa: E402
+from rescoin.cluster.migrate import Executor, Hosts, host_local_paths, parse_credits  # noqa: E402
 from rescoin.cluster.model import ClusterState, HostInfo, Move, Rules, VmInfo  # noqa: E402
+from rescoin.hosts.libvirt.ledger import credits_xml  # noqa: E402
 
 A = B = "test:///default"
 

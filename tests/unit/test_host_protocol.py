@@ -17,7 +17,7 @@ from rescoin.ops.status import snapshot
 
 #: everything the Host protocol names; a daemon that reaches for anything else fails the strict host below
 PROTOCOL = {"capacity", "observe", "apply", "period", "start", "resume", "originals", "unrestored",
-            "reconfigure", "restore", "known_vms", "close"}
+            "reconfigure", "restore", "known_vms", "publish_ledger", "close"}
 
 
 class BareHost(HostBase):
@@ -155,3 +155,28 @@ def test_an_original_quota_comes_back_exactly(quota, vcpus):
 def test_no_original_quota_removes_the_cap():
     for q in (None, -1, 0):
         assert quota_us(cores_for_quota_us(q, 2), 2) == -1
+
+
+class Publishing(BareHost):
+    """A bare host that records the ledgers the daemon publishes."""
+
+    def __init__(self) -> None:
+        self._sim = SimHost(load_trace(sample_trace_path(), vms=3, days=0.1))  # 28 periods
+        self.published: list[tuple[list[str], np.ndarray]] = []
+
+    def publish_ledger(self, uuids, ledger):
+        self.published.append((uuids.tolist(), np.array(ledger)))
+
+
+def test_daemon_publishes_the_credit_ledgers_every_ledger_period(tmp_path, monkeypatch):
+    host = Publishing()
+    monkeypatch.setattr(daemon_mod, "build_host", lambda cfg, sim=None, setup=None: host)
+    text = (f'[daemon]\nuri = "sim:"\nperiod = 1\nstate_file = "{tmp_path / "state.npz"}"\nhistory_dir = ""\n'
+            'status_socket = ""\n[metrics]\nenabled = false\n')
+    d = daemon_mod.Daemon(parse(text))
+    for _ in range(2 * daemon_mod.LEDGER_EVERY):
+        d._after_step(d.step())
+    assert len(host.published) == 2  # every LEDGER_EVERY periods, not every period
+    uuids, ledger = host.published[-1]
+    assert len(uuids) == 3 and ledger.shape == (3, 4) and np.isfinite(ledger).all()
+    assert np.allclose(ledger, d.last_step.allocation.diagnostics["ledger"])

@@ -30,12 +30,29 @@ CREDIT_MODES = ("saved", "coins", "off")
 
 
 def credits(inp: PolicyInput, k: int) -> np.ndarray:
-    """Per VM and resource: sum over the last k periods of (entitlement - usage) / capacity."""
-    ent = inp.history.last("entitlement", k)
-    used = inp.history.last("usage", k)
+    """Per VM and resource: sum over the last k periods of (entitlement - usage) / capacity.
+
+    A VM that migrated here brought its ledger (mean unused entitlement per period
+    on its source): it stands in for the periods of the window this host has not
+    seen yet, so the credits travel with the VM and fade into its own history here.
+    """
+    h = inp.history
+    ent = h.last("entitlement", k)
+    used = h.last("usage", k)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ac = np.nansum(ent - used, axis=0) / inp.capacity
+        unused = np.nansum(ent - used, axis=0)
+        carried = h.carried()
+        if carried is not None and carried.any():
+            unseen = np.maximum(k - np.minimum(h.age, k), 0)
+            unused = unused + carried * unseen[:, None]
+        ac = unused / inp.capacity
     return np.where(np.isfinite(ac), ac, 0.0)
+
+
+def ledger(ac: np.ndarray, capacity: np.ndarray, k: int) -> np.ndarray:
+    """What travels with a VM: its credits as mean unused entitlement per period, in resource units."""
+    out: np.ndarray = ac * fillnan(capacity, 0.0) / k
+    return out
 
 
 def combined_credit(ac: np.ndarray, norm: float) -> np.ndarray:
@@ -91,7 +108,8 @@ class RescoinPolicy:
         caps[NET] = self.cap_net and contended[NET] and self.starved_below_entitlement(inp, NET)
         caps[DISK] = self.cap_disk and contended[DISK] and self.starved_below_entitlement(inp, DISK)
         caps &= managed(cap)
-        return replace(finish(alloc, cap, caps), diagnostics={"credit": ac, "combined_credit": combined})
+        return replace(finish(alloc, cap, caps), diagnostics={"credit": ac, "combined_credit": combined,
+                                                              "ledger": ledger(ac, cap, self.window)})
 
     def starved_below_entitlement(self, inp: PolicyInput, r: int) -> bool:
         """Does any VM using less than its entitlement of ``r`` show unmet demand?"""

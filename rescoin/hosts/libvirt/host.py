@@ -24,6 +24,7 @@ from rescoin.hosts.config import HostConfig
 from rescoin.hosts.libvirt import actions, discovery
 from rescoin.hosts.libvirt.connection import ErrorCounts, HostUnavailable, Libvirt, libvirt_module
 from rescoin.hosts.libvirt.discovery import VMState
+from rescoin.hosts.libvirt.ledger import read_credits, write_credits
 from rescoin.hosts.libvirt.rates import STATS_FLAGS, controls, rates
 from rescoin.hosts.libvirt.restore import RESTORE_TIMEOUT, Restorer, Todo
 
@@ -61,6 +62,7 @@ class LibvirtHost(HostBase):
         self._event_lock = threading.Lock()
         self._event_thread: threading.Thread | None = None
         self._errors = ErrorCounts(self.lv)
+        self._arrived: dict[str, tuple[float, ...]] = {}  # ledgers found on VMs first seen this period
 
     # -- capacity and settings ---------------------------------------------------------------
     @property
@@ -173,8 +175,12 @@ class LibvirtHost(HostBase):
             signal=np.array(signal, dtype=float).reshape(n, N_RES),
             controls=controls(rows), age=np.array([self.t - r.first_seen for r in rows], dtype=np.intp),
             confirmed=np.array(confirmed, dtype=bool), health=[self._health(r) for r in rows],
-            call_errors=self._errors.new(),
+            call_errors=self._errors.new(), carried=self._take_arrived(),
         )
+
+    def _take_arrived(self) -> dict[str, tuple[float, ...]]:
+        out, self._arrived = self._arrived, {}
+        return out
 
     def _bulk_stats(self, conn) -> list:
         lv = libvirt_module()
@@ -214,10 +220,20 @@ class LibvirtHost(HostBase):
         state = discovery.adopt(self.lv, dom, stats, self.t, self.saved_originals)
         if state is not None:
             self.vms[state.uuid] = state
+            ledger = read_credits(self.lv, dom)  # a VM that migrated here brings its credits
+            if ledger:
+                self._arrived[state.uuid] = ledger
             if self.config.stats_period:
                 self.lv.call("setMemoryStatsPeriod", state.name, dom.setMemoryStatsPeriod,
                              self.config.stats_period, 0)
         return state
+
+    def publish_ledger(self, uuids: np.ndarray, ledger: np.ndarray) -> None:
+        """Each VM's ledger into its live domain metadata (the balancer persists it before a move)."""
+        for uuid, row in zip(uuids.tolist(), np.asarray(ledger, dtype=float), strict=True):
+            dom = self._doms.get(uuid)
+            if dom is not None and np.isfinite(row).all():
+                write_credits(self.lv, dom, tuple(float(x) for x in row), persistent=False)
 
     def _vmset(self, rows: list[VMState], cap: HostCapacity) -> VMSet:
         """Identity and size of this period's VMs, with the per-VM configuration's weight and bounds."""
