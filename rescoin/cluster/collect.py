@@ -9,8 +9,9 @@ What each field is made of (rates need two rounds: the first round gives 0):
   (sum mem_used + reserve - memory) / sum mem_used)``, clipped to [0, 1]; the
   last is resident memory past what the host has (it swaps, or would).
 * ``VmInfo.vcpus``: ``vcpu.current``; ``memory_mib``: ``balloon.maximum``.
-* ``cpu_used``: the rate of ``cpu.time`` (cores); ``cpu_forecast``: the same
-  (the collector does not forecast; the host daemon's forecasts are not read here).
+* ``cpu_used``: the rate of ``cpu.time`` (cores); ``cpu_forecast``: the peak of
+  that rate over the last ``CPU_PEAK_ROUNDS`` rounds on this host (a burst seen
+  recently is what a target must take; the host daemon's forecasts are not read here).
 * ``cpu_unserved``: the rate of ``vcpu.N.wait`` summed over vCPUs (time a vCPU
   was runnable but the host ran something else: steal seen from the host), or
   the agent's steal ticks when libvirt has no wait figure.
@@ -35,6 +36,12 @@ from rescoin.hosts.libvirt.connection import HostUnavailable, Libvirt, libvirt_m
 from rescoin.hosts.libvirt.ledger import read_credits
 
 HEADROOM = 1.10  # working set x this = what a VM wants resident
+CPU_PEAK_ROUNDS = 6  # rounds of CPU rate whose peak is the VM's CPU forecast
+
+
+def cpu_peak(recent: tuple[float, ...], rate: float, rounds: int = CPU_PEAK_ROUNDS) -> tuple[float, ...]:
+    """The last ``rounds`` CPU rates, newest last: their max is the collector's CPU forecast."""
+    return (*recent, rate)[-rounds:]
 
 
 @dataclass
@@ -46,6 +53,7 @@ class _Seen:
     cpu_ns: float
     wait_ns: float
     steal: float
+    cpu_recent: tuple[float, ...] = ()  # CPU rates of the last rounds on this host
 
 
 def _agent_socket(dom) -> str | None:
@@ -169,7 +177,9 @@ class Collector:
                 cpu_unserved = max(0.0, (steal - prev.steal) / 100.0 / dt)  # USER_HZ ticks
         if prev is not None and prev.host != host:
             self._moved[uuid] = now
-        self._seen[uuid] = _Seen(now, host, cpu_ns, wait_ns, steal)
-        return VmInfo(uuid=uuid, name=dom.name(), host=host, vcpus=ncpu, cpu_used=cpu_used, cpu_forecast=cpu_used,
+        same = prev is not None and prev.host == host  # a VM that moved starts its peak afresh
+        recent = cpu_peak(prev.cpu_recent if same and prev is not None else (), cpu_used)
+        self._seen[uuid] = _Seen(now, host, cpu_ns, wait_ns, steal, recent)
+        return VmInfo(uuid=uuid, name=dom.name(), host=host, vcpus=ncpu, cpu_used=cpu_used, cpu_forecast=max(recent),
                       cpu_unserved=cpu_unserved, credits=read_credits(lv, dom), last_moved=self._moved.get(uuid),
                       **vm_figures(stats, report))

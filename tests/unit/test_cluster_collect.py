@@ -28,3 +28,15 @@ def test_unserved_memory_and_cpu_count_and_the_share_is_clipped():
     assert contention([vm(100, 200, unserved=50)], cpus=4, mem=4096, reserve=0) == pytest.approx(0.25)
     assert contention([vm(100, 200, cpu_unserved=2.0)], cpus=4, mem=4096, reserve=0) == pytest.approx(0.5)
     assert contention([vm(100, 200, cpu_unserved=9.0)], cpus=4, mem=4096, reserve=0) == 1.0
+
+
+def test_the_cpu_forecast_is_the_peak_of_the_last_rounds():
+    from rescoin.cluster.collect import CPU_PEAK_ROUNDS, cpu_peak
+
+    recent: tuple[float, ...] = ()
+    for rate in (0.2, 3.0, 0.1):
+        recent = cpu_peak(recent, rate)
+    assert max(recent) == 3.0  # a burst two rounds ago still counts
+    for _ in range(CPU_PEAK_ROUNDS - 1):
+        recent = cpu_peak(recent, 0.1)
+    assert len(recent) == CPU_PEAK_ROUNDS and max(recent) == 0.1  # and is forgotten after the window
