@@ -106,7 +106,7 @@ def _search(args, policies, presets, slices, held, console):
                 done.extend(outs)
                 return {specs[o.spec]: o.result for o in outs}
 
-            found = dens.search(keys, run_round)
+            found = dens.search(keys, run_round, dens.grid(args.grid_max))
     except SweepError as e:
         raise UserError(str(e)) from None
     return found, done
@@ -120,7 +120,7 @@ def density_result(args, policies, presets, slices, held, found, done) -> dict:
                  "memory_model": presets[0] if len(presets) == 1 else presets,
                  "slices": [{"vm_offset": s.vm_offset, "start_day": s.start_day, "vms": s.vms, "days": s.days}
                             for s in slices],
-                 "grid": list(dens.GRID), "bisect_steps": dens.BISECT_STEPS,
+                 "grid": list(dens.grid(args.grid_max)), "bisect_steps": dens.BISECT_STEPS,
                  "failed": [{"run": o.spec.name, "error": o.error} for o in done if o.error]}
     if len(presets) > 1:
         out["memory_models"] = {m: {"policies": per[m]} for m in presets}
@@ -193,7 +193,7 @@ DESCRIPTION = textwrap.fill(f"""\
 For each policy, the highest overcommit factor of --resource (the others held) at which the
 service objective holds: memory violations <= {dens.MEMORY_VIOLATIONS:g} of VM-periods, CPU violations
 <= {dens.CPU_VIOLATIONS:g} and CPU worst-off >= {dens.CPU_WORST_OFF:g}, zero sharing-incentive breaches on every
-resource. Grid {', '.join(f'{g:g}' for g in dens.GRID)}, then {dens.BISECT_STEPS} bisection steps between the
+resource. Grid {', '.join(f'{g:g}' for g in dens.GRID)} (--grid-max adds higher factors), then {dens.BISECT_STEPS} bisection steps between the
 last passing and the first failing grid factor. Monotonicity is not guaranteed: the density is the
 highest factor f at which the objective holds at f and at every grid factor below f (the first
 failing grid factor ends the search); a higher grid factor where it holds again is reported as
@@ -229,6 +229,8 @@ def add_density_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("density", help="each policy's highest overcommit at equal service (on Dask)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(p)
+    p.add_argument("--grid-max", type=number(float, 8.0), default=8.0, metavar="F",
+                   help=f"highest factor searched (default 8; above it: {', '.join(f'{f:g}' for f in dens.BEYOND)})")
     p.add_argument("--out", default=None, metavar="FILE.json|FILE.csv", help="write every replay's metrics here")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_density)

@@ -32,6 +32,15 @@ from dataclasses import dataclass, field
 
 GRID: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 BISECT_STEPS = 4  # the gap between two grid factors halved 4 times: to 1/16 of it
+#: factors past 8 for ``grid(top)``: where several policies reach 8 the default grid cannot tell them apart
+BEYOND: tuple[float, ...] = (10.0, 12.0, 16.0, 24.0, 32.0)
+
+
+def grid(top: float = GRID[-1]) -> tuple[float, ...]:
+    """The search grid up to ``top``: ``GRID``'s factors, then ``BEYOND``'s up to it."""
+    if not top >= GRID[-1]:
+        raise ValueError(f"the grid's top must be at least {GRID[-1]:g}, got {top:g}")
+    return GRID + tuple(f for f in BEYOND if f <= top)
 MEMORY_VIOLATIONS = 1e-3
 CPU_VIOLATIONS = 5e-3
 CPU_WORST_OFF = 0.99

@@ -280,3 +280,14 @@ def test_sweep_bad_arguments_are_one_line(extra, said, fake_replays, capsys):
     code, _, err = run_cli(["sweep", "--trace", str(PLANETLAB), "--resource", "cpu", "--scheduler", "none"] + extra,
                            capsys)
     assert code == 2 and said in error_line(err)
+
+
+def test_a_higher_grid_top_separates_policies_the_default_grid_puts_at_8():
+    passes = fake_round(lambda k, f: f <= (11.0 if k == "a" else 20.0))
+    default = dens.search(["a", "b"], passes)
+    assert default["a"].density == default["b"].density == 8.0  # both at the top: no separation
+    wide = dens.search(["a", "b"], passes, dens.grid(16))
+    assert 10.0 <= wide["a"].density <= 11.0 and wide["b"].density == 16.0
+    assert dens.grid(12)[-2:] == (10.0, 12.0) and dens.grid() == dens.GRID
+    with pytest.raises(ValueError, match="at least 8"):
+        dens.grid(4)
