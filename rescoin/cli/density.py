@@ -190,15 +190,16 @@ def cmd_density(args: argparse.Namespace) -> int:
 
 
 DESCRIPTION = textwrap.fill(f"""\
-For each policy, the highest overcommit factor of --resource (the others held) at which the
-service objective holds: memory violations <= {dens.MEMORY_VIOLATIONS:g} of VM-periods, CPU violations
-<= {dens.CPU_VIOLATIONS:g} and CPU worst-off >= {dens.CPU_WORST_OFF:g}, zero sharing-incentive breaches on every
-resource. Grid {', '.join(f'{g:g}' for g in dens.GRID)} (--grid-max adds higher factors), then {dens.BISECT_STEPS} bisection steps between the
-last passing and the first failing grid factor. Monotonicity is not guaranteed: the density is the
-highest factor f at which the objective holds at f and at every grid factor below f (the first
-failing grid factor ends the search); a higher grid factor where it holds again is reported as
-"holds_again_at", not as the density. Null where factor 1 already fails. The runs go through
-dask.distributed: a LocalCluster (one worker per core) unless --scheduler names one.""", 79)
+For each policy, the highest overcommit factor of --resource (the others held) at which the service
+objective holds: memory violations <= {dens.MEMORY_VIOLATIONS:g} of VM-periods, CPU violations <=
+{dens.CPU_VIOLATIONS:g} and CPU worst-off >= {dens.CPU_WORST_OFF:g}, zero sharing-incentive breaches
+on every resource. Grid {', '.join(f'{g:g}' for g in dens.GRID)} (--grid-max adds higher factors),
+then {dens.BISECT_STEPS} bisection steps between the last passing and the first failing grid factor.
+Monotonicity is not guaranteed: the density is the highest factor f at which the objective holds at
+f and at every grid factor below f (the first failing grid factor ends the search); a higher grid
+factor where it holds again is reported as "holds_again_at", not as the density. Null where factor 1
+already fails. The runs go through dask.distributed: a LocalCluster (one worker per core) unless
+--scheduler names one.""", 79)
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
