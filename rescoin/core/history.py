@@ -93,9 +93,15 @@ class History:
         return arr if arr is not None and arr.shape == (self.n, N_RES) else None
 
     def carry(self, uuid: str, ledger: Sequence[float] | np.ndarray) -> None:
-        """A VM arrives with this credit ledger (from its source host): seed its row when it appears."""
-        value = np.nan_to_num(np.resize(np.asarray(ledger, dtype=float), N_RES), nan=0.0, posinf=0.0, neginf=0.0)
-        self._arriving[uuid] = value
+        """A VM arrives with this credit ledger (from its source host): seed its row when it appears.
+
+        A ledger is a claim read from domain metadata: one of the wrong length is
+        ignored (the VM starts with no credits), non-finite entries count as 0.
+        """
+        value = np.asarray(ledger, dtype=float).ravel()
+        if value.size != N_RES:
+            return
+        self._arriving[uuid] = np.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
 
     # -- writing ------------------------------------------------------------
     @property

@@ -101,3 +101,20 @@ def test_a_moved_vms_credits_travel_and_fade_into_its_history_on_the_target() ->
     _, bare, _ = credit_after_move(carry=False)
     assert bare[0] < 0.5 * dst[0]  # without the ledger it would arrive with next to nothing
     assert np.allclose(dst[-1], bare[-1], rtol=0.05)  # and after a window its own history is all that counts
+
+
+def test_a_copy_that_fails_costs_the_source_cpu_and_the_target_memory_and_a_refusal_costs_nothing() -> None:
+    sim = ClusterSim(trace(), MoveAt(-1.0), ClusterSettings(hosts=(1, 1), fail_p=1.0), SimSettings(overcommit=1.0))
+    steps = [loop.step() for loop in sim.loops]
+    state = sim.state(0, steps)
+    v = next(v for v in state.vms if v.host == "host0")
+    assert not sim.migrate(0, Move(v.uuid, v.name, "host0", "host1", ""), v, state)
+    src, dst = sim.hosts[0]._burden, sim.hosts[1]._burden
+    assert src[0] == 0.0 and src[2] > 0.0  # the source spent CPU, its VM's memory never left
+    assert dst[0] == v.mem_used and dst[2] == 0.0  # the target held what it received
+    full = ClusterSim(trace(mem=1900.0), MoveAt(-1.0), ClusterSettings(hosts=(1, 1)), SimSettings(overcommit=1.0))
+    steps = [loop.step() for loop in full.loops]
+    state = full.state(0, steps)
+    v = next(v for v in state.vms if v.host == "host0")
+    assert not full.migrate(0, Move(v.uuid, v.name, "host0", "host1", ""), v, state)  # no room: refused
+    assert full.hosts[0]._burden == (0.0, 0.0, 0.0) and full.hosts[1]._burden == (0.0, 0.0, 0.0)

@@ -382,3 +382,21 @@ def test_read_history_skips_malformed_rows_and_counts_them(kit, tmp_path):
     d = load_history([tmp_path])
     assert dict(d.skipped[str(path)]) == {"wrong field count": 1, "non-numeric value": 1, "unknown resource": 1}
     assert "skipped 3 malformed rows in 1 file" in d.skipped_message()
+
+
+def test_a_carried_ledger_seeds_only_the_arriving_row_and_a_bad_one_is_ignored():
+    from rescoin.core.model import VMSet
+
+    def vms(*uuids):
+        return VMSet.build(uuids=list(uuids), names=list(uuids), sizes=np.ones((len(uuids), N_RES)),
+                           min_memory=np.zeros(len(uuids)))
+
+    h = History(window=4)
+    h.align(vms("a"))
+    assert h.carried() is None  # nothing arrived: nothing made
+    h.carry("b", [0.5, 300.0, np.nan, 1.0])
+    h.carry("c", [1.0, 2.0])  # a damaged ledger (wrong length): ignored
+    h.align(vms("a", "b", "c"))
+    carried = h.carried()
+    assert carried is not None
+    assert carried.tolist() == [[0.0] * N_RES, [0.5, 300.0, 0.0, 1.0], [0.0] * N_RES]
