@@ -70,11 +70,14 @@ def blkio_weights(disk: np.ndarray) -> np.ndarray:
     The scale is the largest allocation rounded up to a power of two, so it
     moves (and rewrites every weight) only when the largest VM doubles or halves.
     """
-    top = np.nanmax(disk) if np.isfinite(disk).any() else np.nan
+    finite = disk[np.isfinite(disk)]
+    top = float(finite.max()) if finite.size else np.nan
     if not top > 0:
         return np.full_like(disk, np.nan)
-    scale = 2.0 ** np.ceil(np.log2(top))
-    result: np.ndarray = np.clip(np.round(BLKIO_MAX * disk / scale), BLKIO_MIN, BLKIO_MAX)
+    # the exponent is capped where a float can hold the power (an absurd size would overflow it)
+    scale = 2.0 ** min(float(np.ceil(np.log2(top))), 1023.0)
+    with np.errstate(over="ignore"):  # a huge negative size divides to -inf, which the clip makes 10
+        result: np.ndarray = np.clip(np.round(disk / scale * BLKIO_MAX), BLKIO_MIN, BLKIO_MAX)
     return result
 
 

@@ -493,3 +493,13 @@ def test_physical_blkio_within_kernel_range(kit):
     plan = Guard(profile="physical").plan(alloc, obs, cap)
     assert plan.controls.blkio.min() >= 10.0 and plan.controls.blkio.max() <= 1000.0
     assert plan.controls.blkio[0] == 10.0
+
+
+def test_blkio_weights_of_absurd_sizes_stay_in_range_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = blkio_weights(np.array([1e308, 1.7e308, -1e308, 5e-324, np.inf, NAN]))
+    assert np.all((w[:5] >= 10.0) & (w[:5] <= 1000.0)) and np.isnan(w[5])
+    assert w[1] == 1000.0 and w[2] == 10.0
