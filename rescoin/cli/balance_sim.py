@@ -43,7 +43,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rescoin.cluster.balancers import BALANCERS
     from rescoin.cluster.sim import ClusterSettings, simulate_cluster
     from rescoin.offline.simulate import SimSettings
-    from rescoin.offline.traces import load_trace
+    from rescoin.offline.traces import load_trace, load_windows
     from rescoin.view import progress
 
     names = [n.strip() for n in args.balancers.split(",") if n.strip()]
@@ -51,14 +51,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if bad or not names:
         raise UserError(f"unknown balancer {','.join(bad) or '(none)'}; choose from {', '.join(BALANCERS)}")
     hosts = _hosts(args.hosts)
+    if args.windows > 1 and args.days is None:
+        raise UserError("--windows K needs --days D: each window is D days long")
     try:
-        trace = load_trace(args.trace, vms=args.vms, vm_offset=args.vm_offset, days=args.days,
-                           start_day=args.start_day)
+        if args.windows > 1:
+            trace = load_windows(args.trace, windows=args.windows, days=args.days, vms=args.vms,
+                                 vm_offset=args.vm_offset, start_day=args.start_day)
+        else:
+            trace = load_trace(args.trace, vms=args.vms, vm_offset=args.vm_offset, days=args.days,
+                               start_day=args.start_day)
     except (OSError, ValueError) as e:
         raise UserError(f"--trace {args.trace}: {e}") from None
     n = int(trace.demand.shape[1])
-    if n < len(hosts) or (args.vms is not None and n < args.vms):
-        raise UserError(f"the trace has {n} VMs from offset {args.vm_offset}; {args.vms} asked for {len(hosts)} hosts")
+    if n < len(hosts) or (args.vms is not None and n < args.vms * args.windows):
+        raise UserError(f"the trace has {n} VMs from offset {args.vm_offset}; {args.vms} asked "
+                        f"(x {args.windows} windows) for {len(hosts)} hosts")
     t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("periods", total=len(names) * int(trace.demand.shape[0]))
@@ -86,6 +93,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--start-day", type=number(float, 0), default=0.0)
     p.add_argument("--vm-offset", type=number(int, 0), default=0)
     p.add_argument("--overcommit", type=overcommit, default={"memory": 2.0, "cpu": 1.5})
+    p.add_argument("--windows", type=number(int, 1), default=1, metavar="K",
+                   help="stack K consecutive windows of --days D as VMs of their own (a VM's second week next "
+                        "to the others' first: more VMs than the trace part has; weeks keep the weekday aligned)")
     p.add_argument("--every", type=number(int, 1), default=1, help="periods between balancer rounds")
     p.add_argument("--balancers", default=",".join(BALANCERS), metavar="A,B")
     p.add_argument("--format", choices=("table", "json"), default="table")

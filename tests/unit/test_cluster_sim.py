@@ -161,3 +161,27 @@ def test_cli_bad_balancer_is_one_line(capsys) -> None:
     assert main(["balance", "simulate", "--trace", TRACE, "--balancers", "nope"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "choose from" in err
+
+
+def test_windows_stack_a_vms_later_days_as_vms_of_their_own(capsys) -> None:
+    from rescoin.offline.traces import load_trace, load_windows
+
+    two = load_windows(TRACE, windows=2, days=1.0, vms=3, start_day=1.0)
+    first = load_trace(TRACE, vms=3, days=1.0, start_day=1.0)
+    second = load_trace(TRACE, vms=3, days=1.0, start_day=2.0)
+    assert two.n_vms == 6 and two.n_periods == first.n_periods
+    assert two.vm_ids == [f"{v}@w0" for v in first.vm_ids] + [f"{v}@w1" for v in second.vm_ids]
+    np.testing.assert_array_equal(two.demand[:, 3:], second.demand)
+    assert not np.array_equal(two.demand[:, :3], two.demand[:, 3:])  # a later day, not a copy
+    code = main(["balance", "simulate", "--trace", TRACE, "--hosts", "2", "--vms", "3", "--days", "0.1",
+                 "--windows", "2", "--balancers", "none", "--format", "json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["vms"] == 6
+
+
+def test_windows_past_the_traces_end_or_without_days_are_one_line(capsys) -> None:
+    assert main(["balance", "simulate", "--trace", TRACE, "--vms", "3", "--days", "4", "--windows", "2"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "windows" in err
+    assert main(["balance", "simulate", "--trace", TRACE, "--vms", "3", "--windows", "2"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--days" in err

@@ -34,6 +34,7 @@ from rescoin.offline.traces.model import (
     Samples,
     Trace,
     TraceError,
+    stack_windows,
 )
 from rescoin.offline.traces.planetlab import PLANETLAB_LINES, load_planetlab, planetlab_days
 from rescoin.shipped import SAMPLE_TRACE_DIR
@@ -41,6 +42,7 @@ from rescoin.shipped import SAMPLE_TRACE_DIR
 __all__ = [
     "AZURE_CHUNK_ROWS", "CELLS_PER_DAY", "EDGE_HOLD", "FORMATS", "MAX_FILL", "MAX_GRID_BYTES", "PERIOD",
     "PLANETLAB_LINES", "Progress", "Samples", "Trace", "TraceError", "detect_format", "fill_gaps", "load_trace",
+    "load_windows", "stack_windows",
     "sample_trace_path",
 ]
 
@@ -109,3 +111,12 @@ def load_trace(
         warnings=list(s.warnings),
     )
 
+
+
+def load_windows(path: str | Path, *, windows: int, days: float, vms: int | None = None, vm_offset: int = 0,
+                 start_day: float = 0.0) -> Trace:
+    """``windows`` consecutive windows of ``days`` days from ``start_day``, stacked as VMs (``stack_windows``)."""
+    if windows < 1:
+        raise TraceError(f"windows = {windows}: give at least 1")
+    return stack_windows([load_trace(path, vms=vms, vm_offset=vm_offset, days=days, start_day=start_day + k * days)
+                          for k in range(windows)])

@@ -77,3 +77,29 @@ class Samples:
     warnings: list[str] = field(default_factory=list)  # file:line of implausible values, one per kind
 
 
+
+
+def stack_windows(parts: list[Trace]) -> Trace:
+    """Consecutive windows of the same VMs side by side, each window's VMs counted as VMs of their own.
+
+    For a cluster larger than the VMs of a trace's part: a VM's second week
+    runs next to the first weeks of the others. Windows a whole number of
+    weeks apart keep the weekday and time of day aligned, so the diurnal and
+    weekly load of every VM still peaks together. Every window must have
+    the same length; a VM of window k is ``ID@wK``.
+    """
+    if not parts:
+        raise ValueError("no window to stack")
+    if len({p.n_periods for p in parts}) != 1:
+        raise TraceError(f"the windows differ in length ({sorted({p.n_periods for p in parts})} periods): "
+                         "the trace ends before the last window; use fewer windows or fewer days")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    ids = [f"{v}@w{k}" for k, p in enumerate(parts) for v in p.vm_ids]
+    return Trace(name=f"{first.name} x {len(parts)} windows", source_format=first.source_format, vm_ids=ids,
+                 start=first.start, period=first.period,
+                 demand=np.concatenate([p.demand for p in parts], axis=1),
+                 sizes=np.concatenate([p.sizes for p in parts], axis=0),
+                 notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
+                 warnings=list(dict.fromkeys(w for p in parts for w in p.warnings)))
